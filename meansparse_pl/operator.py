@@ -69,7 +69,9 @@ def check_alpha(alpha: float) -> float:
     """Validate one alpha value; the single place where the rule `alpha >= 0, finite` lives."""
     alpha = float(alpha)
     if not (alpha >= 0.0) or alpha == float("inf"):
-        raise ConfigurationError(f"alpha must be a finite number >= 0, got {alpha}; use 0 to switch MeanSparse off.")
+        raise ConfigurationError(
+            f"alpha must be a finite number >= 0, got {alpha}; use 0 to switch MeanSparse off."
+        )
     return alpha
 
 
@@ -210,7 +212,9 @@ def set_alpha(model: nn.Module, alpha: float) -> None:
 def get_alpha(model: nn.Module) -> float:
     values = {float(op.alpha) for op in _require_operators(model)}
     if len(values) != 1:
-        raise ConfigurationError(f"operators carry different alpha values {sorted(values)}; set one with set_alpha.")
+        raise ConfigurationError(
+            f"operators carry different alpha values {sorted(values)}; set one with set_alpha."
+        )
     return values.pop()
 
 
