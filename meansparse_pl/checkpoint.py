@@ -1,0 +1,161 @@
+"""Save and load sparsified models safely.
+
+A checkpoint holds the weights, every operator's buffers (statistics and alpha) and the placement record,
+so loading can rebuild the operators in the same places on a fresh instance of the architecture. Files are
+written atomically and read with ``torch.load(weights_only=True)``: no pickled code is ever executed, and a
+file that needs it is refused. Lightning checkpoints written by ``Trainer.save_checkpoint`` for an
+:class:`~meansparse_pl.module.AdversarialClassifier` carry the same ``meansparse`` entry and load too.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from meansparse_pl.errors import CheckpointError, MeanSparseError
+from meansparse_pl.io import atomic_torch_save
+from meansparse_pl.operator import get_alpha, operators
+from meansparse_pl.placement import Placement, placement_of, sparsify
+
+FORMAT = "meansparse_pl.checkpoint/1"
+LIGHTNING_PREFIX = "model."
+
+
+def placement_record(model: nn.Module, architecture: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The ``meansparse`` entry of a checkpoint: placement, alpha and (optionally) how to build the model."""
+    return {
+        "format": FORMAT,
+        "placement": placement_of(model).to_dict(),
+        "alpha": get_alpha(model),
+        "calibrated": all(op.is_calibrated for op in operators(model)),
+        "architecture": architecture,
+    }
+
+
+def save_checkpoint(
+    model: nn.Module,
+    path: str | os.PathLike,
+    *,
+    architecture: dict[str, Any] | None = None,
+    metadata: dict[str, Any] | None = None,
+) -> Path:
+    """Write ``model`` (a sparsified model) atomically.
+
+    Args:
+        architecture: ``{"name": <meansparse_pl.models name>, "kwargs": {...}}`` lets :func:`load_checkpoint`
+            build the model itself; without it the caller passes a fresh model instance when loading.
+        metadata: plain values (numbers, strings, lists, dicts) stored alongside, e.g. the alpha-search result.
+    """
+    payload = {
+        "state_dict": model.state_dict(),
+        "meansparse": placement_record(model, architecture),
+        "metadata": metadata or {},
+    }
+    return atomic_torch_save(payload, path)
+
+
+def safe_load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """``torch.load(weights_only=True)`` with every failure turned into one clear CheckpointError."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint file at {path}; check the path (a directory or a typo?).")
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as error:
+        first = str(error).splitlines()[0] if str(error) else ""
+        raise CheckpointError(
+            f"{path} needs arbitrary Python objects to load ({first[:160]}); refusing it for safety: save "
+            "plain tensors / state dicts, or convert it in a trusted environment."
+        ) from error
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as error:
+        raise CheckpointError(
+            f"{path} is corrupt or truncated ({type(error).__name__}); re-download or re-create it."
+        ) from error
+    if not isinstance(payload, dict):
+        raise CheckpointError(f"{path} holds a {type(payload).__name__}, not a checkpoint dictionary.")
+    return payload
+
+
+def _model_state(payload: dict[str, Any]) -> dict[str, torch.Tensor]:
+    state = payload.get("state_dict", payload)
+    if not isinstance(state, dict) or not state:
+        raise CheckpointError("the checkpoint has no state_dict.")
+    if any(isinstance(k, str) and k.startswith(LIGHTNING_PREFIX) for k in state):
+        # a Lightning checkpoint of a LightningModule that wraps the network as `self.model`
+        state = {k[len(LIGHTNING_PREFIX) :]: v for k, v in state.items() if k.startswith(LIGHTNING_PREFIX)}
+    return state
+
+
+def load_checkpoint(
+    path: str | os.PathLike,
+    model: nn.Module | None = None,
+    *,
+    map_location: str | torch.device = "cpu",
+) -> nn.Module:
+    """Rebuild a sparsified model from ``path``.
+
+    ``model`` is a fresh instance of the architecture (its weights are overwritten); when omitted, the
+    checkpoint's ``architecture`` record builds it from the meansparse_pl model registry. Nothing named in the
+    file is imported or executed beyond that registry.
+    """
+    payload = safe_load(path, map_location)
+    record = payload.get("meansparse")
+    if not isinstance(record, dict) or record.get("format") != FORMAT:
+        raise CheckpointError(
+            f"{path} is not a meansparse_pl checkpoint (no '{FORMAT}' record); for a plain trained model "
+            "use `cli.py postprocess` to sparsify and calibrate it first."
+        )
+    if model is None:
+        model = _build_architecture(record.get("architecture"), path)
+    placement = Placement.from_dict(record["placement"])
+    try:
+        sparse = sparsify(
+            model,
+            placement.input_shape,
+            include=placement.include,
+            exclude=placement.exclude,
+            sites=placement.site_indices,
+            centre=placement.centre,  # type: ignore[arg-type]
+            strategy=placement.strategy,  # type: ignore[arg-type]
+            leaf_modules=placement.leaf_modules or (),
+            channel_dims=placement.channel_dims,
+        )
+    except MeanSparseError as error:
+        raise CheckpointError(f"{path}: cannot rebuild the operators on this model: {error}") from error
+    rebuilt = [(s.index, s.channel_dim, s.num_channels) for s in placement_of(sparse).sites]
+    saved = [(s.index, s.channel_dim, s.num_channels) for s in placement.sites]
+    if rebuilt != saved:
+        first = next(
+            (i for i, (a, b) in enumerate(zip(rebuilt, saved, strict=False)) if a != b),
+            min(len(rebuilt), len(saved)),
+        )
+        raise CheckpointError(
+            f"{path}: the model has {len(rebuilt)} operator sites, the checkpoint {len(saved)}, first difference "
+            f"at position {first} (index, channel dim, channels); the checkpoint belongs to another architecture."
+        )
+    state = _model_state(payload)
+    try:
+        sparse.load_state_dict(state, strict=True)
+    except RuntimeError as error:
+        detail = str(error).splitlines()
+        raise CheckpointError(
+            f"{path}: weights do not fit the model ({detail[1].strip() if len(detail) > 1 else detail[0]}); "
+            "is it the right architecture?"
+        ) from error
+    return sparse
+
+
+def _build_architecture(architecture: Any, path: str | os.PathLike) -> nn.Module:
+    if not isinstance(architecture, dict) or "name" not in architecture:
+        raise CheckpointError(
+            f"{path} does not record its architecture; pass a fresh model instance: load_checkpoint(path, model)."
+        )
+    from meansparse_pl.models import create_model
+
+    return create_model(architecture["name"], **dict(architecture.get("kwargs") or {}))
