@@ -96,13 +96,15 @@ def load_checkpoint(
     path: str | os.PathLike,
     model: nn.Module | None = None,
     *,
+    fallback_model: nn.Module | None = None,
     map_location: str | torch.device = "cpu",
 ) -> nn.Module:
     """Rebuild a sparsified model from ``path``.
 
     ``model`` is a fresh instance of the architecture (its weights are overwritten); when omitted, the
-    checkpoint's ``architecture`` record builds it from the meansparse_pl model registry. Nothing named in the
-    file is imported or executed beyond that registry.
+    checkpoint's ``architecture`` record builds it from the meansparse_pl model registry, and
+    ``fallback_model`` is used for files that record none. Nothing named in the file is imported or executed
+    beyond that registry.
     """
     payload = safe_load(path, map_location)
     record = payload.get("meansparse")
@@ -112,7 +114,10 @@ def load_checkpoint(
             "use `cli.py postprocess` to sparsify and calibrate it first."
         )
     if model is None:
-        model = _build_architecture(record.get("architecture"), path)
+        if fallback_model is not None and not record.get("architecture"):
+            model = fallback_model
+        else:
+            model = _build_architecture(record.get("architecture"), path)
     placement = Placement.from_dict(record["placement"])
     try:
         sparse = sparsify(

@@ -1,0 +1,278 @@
+"""Per-sample robustness evaluation, sharded by Lightning, resumable, with the worst case over attacks.
+
+Every attack yields, per test sample, whether the model is still correct. Results are keyed by the
+sample's index in the data set, so
+
+* the per-sample worst case over all attacks ("best known") is a logical AND by index;
+* Lightning's predict loop shards the data across processes *without* padding (its distributed sampler for
+  prediction does not repeat samples), and torchmetrics ``CatMetric`` gathers the (index, correct) rows,
+  so each sample counts exactly once whatever the number of processes;
+* a state file records every finished (key, batch); an interrupted run skips what is done and, since each
+  batch's attack is seeded from the seed and the batch's first index, reaches the same numbers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+from torchmetrics import CatMetric
+
+from meansparse_pl.errors import CheckpointError, ConfigurationError
+from meansparse_pl.io import atomic_torch_save
+
+
+class IndexedDataset(Dataset):
+    """Yields ``(image, label, index)`` so that results can be keyed by sample, not by batch position."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor, int]:
+        image, label = self.dataset[index][:2]
+        return image, torch.as_tensor(label), index
+
+
+def indexed_loader(dataset: Dataset, batch_size: int, num_workers: int = 0) -> DataLoader:
+    return DataLoader(IndexedDataset(dataset), batch_size=batch_size, shuffle=False, num_workers=num_workers)
+
+
+@dataclass(frozen=True)
+class EvaluationTask:
+    """One thing to measure on every sample: an attack (or ``clean``) under one model setting.
+
+    ``key`` names the result (e.g. ``"alpha=0.2/apgd-ce"``); ``prepare`` is applied to the model before the
+    attack runs (e.g. setting alpha), so several settings of the same model share one data pass.
+    """
+
+    key: str
+    attack: str
+    eps: float
+    norm: str = "Linf"
+    options: dict[str, Any] = field(default_factory=dict)
+    alpha: float | None = None  # None: leave the model's alpha as it is
+
+
+class ResumeState:
+    """Finished per-sample results of one run, saved atomically after every batch (one file per process)."""
+
+    def __init__(self, path: str | os.PathLike | None, fingerprint: str, rank: int = 0) -> None:
+        self.path = None if path is None else Path(f"{path}.rank{rank}")
+        self.fingerprint = fingerprint
+        self.results: dict[str, dict[int, bool]] = {}
+        if self.path is not None and self.path.exists():
+            try:
+                saved = torch.load(self.path, weights_only=True)
+            except Exception as error:
+                raise CheckpointError(
+                    f"evaluation state {self.path} is unreadable ({type(error).__name__}); delete it to restart."
+                ) from error
+            if saved.get("fingerprint") != fingerprint:
+                raise ConfigurationError(
+                    f"evaluation state {self.path} belongs to a different run (model, data or attack settings "
+                    "changed); delete it or choose another state path."
+                )
+            self.results = {k: {int(i): bool(c) for i, c in v.items()} for k, v in saved["results"].items()}
+
+    def done(self, key: str, indices: Sequence[int]) -> bool:
+        finished = self.results.get(key, {})
+        return all(int(i) in finished for i in indices)
+
+    def record(self, key: str, indices: Sequence[int], correct: Tensor) -> None:
+        target = self.results.setdefault(key, {})
+        for i, c in zip(indices, correct.tolist(), strict=True):
+            target[int(i)] = bool(c)
+
+    def save(self) -> None:
+        if self.path is not None:
+            atomic_torch_save({"fingerprint": self.fingerprint, "results": self.results}, self.path)
+
+
+def fingerprint_of(model: nn.Module, tasks: Sequence[EvaluationTask], num_samples: int, seed: int) -> str:
+    """Hash of everything that changes the numbers: weights and buffers, tasks, data size, seed."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        if name.endswith(".alpha"):
+            continue  # alpha is part of each task, not of the model identity
+        # shape, a prefix and the sum identify a tensor well enough without hashing gigabytes of weights
+        flat = tensor.detach().reshape(-1).to(torch.float64)
+        digest.update(f"{name}{tuple(tensor.shape)}{flat.sum().item():.10e}".encode())
+        digest.update(flat[:256].cpu().numpy().tobytes())
+    spec = [(t.key, t.attack, t.eps, t.norm, sorted(t.options.items()), t.alpha) for t in tasks]
+    digest.update(json.dumps([spec, num_samples, seed], default=str).encode())
+    return digest.hexdigest()[:16]
+
+
+class EvaluationModule(pl.LightningModule):
+    """Runs every task on each predict batch; ``trainer.predict`` provides devices, sharding and progress."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tasks: Sequence[EvaluationTask],
+        *,
+        seed: int = 0,
+        attack_batch_size: int = 256,
+        state_path: str | os.PathLike | None = None,
+        fingerprint: str = "",
+    ) -> None:
+        super().__init__()
+        if not tasks:
+            raise ConfigurationError("nothing to evaluate: give at least one attack.")
+        keys = [t.key for t in tasks]
+        if len(set(keys)) != len(keys):
+            raise ConfigurationError(f"evaluation task keys must be unique, got {keys}.")
+        self.model = model
+        self.tasks = list(tasks)
+        self.seed = seed
+        self.attack_batch_size = attack_batch_size
+        self.state_path = state_path
+        self.fingerprint = fingerprint
+        self.rows = nn.ModuleDict({self._metric_name(t.key): CatMetric() for t in self.tasks})
+        self.state: ResumeState | None = None
+
+    @staticmethod
+    def _metric_name(key: str) -> str:
+        return hashlib.md5(key.encode()).hexdigest()[:12]  # ModuleDict keys may not contain "." or "/"
+
+    def on_predict_start(self) -> None:
+        self.model.eval()
+        self.state = ResumeState(self.state_path, self.fingerprint, self.global_rank)
+        for metric in self.rows.values():
+            metric.reset()
+
+    def predict_step(self, batch: Any, batch_idx: int) -> None:
+        from meansparse_pl.attacks import run_attack
+        from meansparse_pl.operator import set_alpha
+
+        images, labels, indices = batch
+        index_list = [int(i) for i in indices]
+        assert self.state is not None
+        for task in self.tasks:
+            if self.state.done(task.key, index_list):
+                correct = torch.tensor([self.state.results[task.key][i] for i in index_list])
+            else:
+                if task.alpha is not None:
+                    set_alpha(self.model, task.alpha)
+                # seed from the batch's first sample: a resumed run repeats exactly the same attack
+                torch.manual_seed(self.seed + index_list[0])
+                with torch.enable_grad():
+                    correct = run_attack(
+                        task.attack,
+                        self.model,
+                        images,
+                        labels,
+                        eps=task.eps,
+                        norm=task.norm,
+                        seed=self.seed + index_list[0],
+                        batch_size=self.attack_batch_size,
+                        **task.options,
+                    ).cpu()
+                self.state.record(task.key, index_list, correct)
+            rows = torch.stack([indices.cpu().to(torch.float64), correct.to(torch.float64)], dim=1)
+            self.rows[self._metric_name(task.key)].update(rows.to(self.device))
+        self.state.save()
+
+    def gathered(self) -> dict[str, dict[int, bool]]:
+        """Per task, index -> correct, over all processes (torchmetrics gathers the rows)."""
+        out: dict[str, dict[int, bool]] = {}
+        for task in self.tasks:
+            metric = self.rows[self._metric_name(task.key)]
+            rows = metric.compute() if metric.update_count else torch.zeros(0, 2)
+            rows = rows.reshape(-1, 2).cpu()
+            out[task.key] = {int(i): bool(c) for i, c in rows.tolist()}
+        return out
+
+
+def _default_trainer() -> pl.Trainer:
+    return pl.Trainer(
+        accelerator="auto",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        inference_mode=False,
+        enable_model_summary=False,
+    )
+
+
+def run_tasks(
+    model: nn.Module,
+    dataset: Dataset,
+    tasks: Sequence[EvaluationTask],
+    *,
+    batch_size: int = 128,
+    seed: int = 0,
+    state_path: str | os.PathLike | None = None,
+    trainer: pl.Trainer | None = None,
+    num_workers: int = 0,
+) -> dict[str, dict[int, bool]]:
+    """Evaluate every task on every sample of ``dataset``; returns key -> {sample index: correct}.
+
+    With a ``trainer`` configured for several devices the data is sharded across its processes and the
+    results are gathered on every rank. Restores the model's alpha and train/eval mode afterwards.
+    """
+    from meansparse_pl.operator import operators
+
+    if trainer is None:
+        trainer = _default_trainer()
+    if getattr(trainer.predict_loop, "inference_mode", False):
+        raise ConfigurationError("evaluation needs gradients: build the Trainer with inference_mode=False.")
+    if len(dataset) == 0:  # type: ignore[arg-type]
+        raise ConfigurationError("the evaluation data set is empty.")
+    previous_alpha = [(op, float(op.alpha)) for op in operators(model)]
+    was_training = model.training
+    module = EvaluationModule(
+        model,
+        tasks,
+        seed=seed,
+        attack_batch_size=batch_size,
+        state_path=state_path,
+        fingerprint=fingerprint_of(model, tasks, len(dataset), seed),  # type: ignore[arg-type]
+    )
+    try:
+        trainer.predict(
+            module, dataloaders=indexed_loader(dataset, batch_size, num_workers), return_predictions=False
+        )
+        results = module.gathered()
+    finally:
+        for op, alpha in previous_alpha:
+            op.set_alpha(alpha)
+        model.train(was_training)
+    expected = len(dataset)  # type: ignore[arg-type]
+    for key, per_sample in results.items():
+        if len(per_sample) != expected:
+            raise RuntimeError(
+                f"{key}: {len(per_sample)} samples evaluated, expected {expected} (sharding bug)."
+            )
+    return results
+
+
+def accuracy(per_sample: dict[int, bool]) -> float:
+    return 100.0 * sum(per_sample.values()) / max(len(per_sample), 1)
+
+
+def worst_case(results: Iterable[dict[int, bool]]) -> dict[int, bool]:
+    """Per-sample logical AND: a sample counts as robust only if no attack broke it ("best known")."""
+    merged: dict[int, bool] | None = None
+    for per_sample in results:
+        if merged is None:
+            merged = dict(per_sample)
+        else:
+            if per_sample.keys() != merged.keys():
+                raise ValueError("worst case over attacks needs the same samples for every attack.")
+            merged = {i: merged[i] and per_sample[i] for i in merged}
+    if merged is None:
+        raise ValueError("worst case over no attacks is undefined.")
+    return merged
