@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision.datasets.folder import pil_loader
 from torchvision.transforms import v2
 
-from meansparse_pl.errors import ConfigurationError, DataNotFoundError, MeanSparseError
+from meansparse_pl.errors import ConfigurationError, DataFormatError, DataNotFoundError
 
 __all__ = [
     "CIFAR10DataModule",
@@ -46,10 +46,6 @@ __all__ = [
 ]
 
 Transform = Callable[[torch.Tensor], torch.Tensor]
-
-
-class DataFormatError(MeanSparseError, ValueError):
-    """A data file exists but is not in the expected format (bad magic number, truncated, wrong shape)."""
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -30,3 +30,7 @@ class CheckpointError(MeanSparseError, ValueError):
 
 class DataNotFoundError(MeanSparseError, FileNotFoundError):
     """A data set is not where it was looked for."""
+
+
+class DataFormatError(MeanSparseError, ValueError):
+    """A data file exists but is not in the expected format (bad magic number, truncated, wrong shape)."""

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from meansparse_pl.errors import ConfigurationError
+from meansparse_pl.placement import register_activation as register_placement_activation
 
 __all__ = ["PSSiLU", "PSiLU", "get_activation", "list_activations", "register_activation"]
 
@@ -117,3 +118,8 @@ def get_activation(name: str) -> nn.Module:
             f"activation factory for {name!r} returned {type(module).__name__}, not nn.Module"
         )
     return module
+
+
+# Parametric activations are activations for MeanSparse placement too (an operator goes in front of them).
+register_placement_activation(PSiLU)
+register_placement_activation(PSSiLU)
