@@ -19,6 +19,9 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   echo "[setup] installing meansparse_pl and its dependencies (one pip command)"
   # shellcheck disable=SC2086
   "$VENV/bin/pip" install --quiet --disable-pip-version-check $TORCH_SPEC -e ".[dev]"
+  # torchattacks is the independent second attack library the tests compare against; --no-deps so it
+  # cannot pull another torch (its package __init__ needs scipy, which the tests avoid importing).
+  "$VENV/bin/pip" install --quiet --disable-pip-version-check --no-deps "torchattacks==3.5.1"
   printf '%s' "$want" >"$stamp"
 else
   echo "[setup] $VENV is up to date"
