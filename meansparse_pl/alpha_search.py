@@ -58,7 +58,8 @@ class AlphaSearchResult:
 
     @property
     def columns(self) -> list[str]:
-        return ["clean", *self.attacks, "apgd-ce+dlr", "worst_case"]
+        present = self.accuracy[self.alphas[0]]
+        return [c for c in ["clean", *self.attacks, "apgd-ce+dlr", "worst_case"] if c in present]
 
     def rule(self) -> str:
         target = (
@@ -219,7 +220,8 @@ class AlphaSearch:
             per_attack = {attack: results[f"alpha={alpha:g}/{attack}"] for attack in ["clean", *self.attacks]}
             row = {name: accuracy(values) for name, values in per_attack.items()}
             ce_dlr = [per_attack[a] for a in ("apgd-ce", "apgd-dlr") if a in per_attack]
-            row["apgd-ce+dlr"] = accuracy(worst_case(ce_dlr)) if ce_dlr else float("nan")
+            if len(ce_dlr) == 2:
+                row["apgd-ce+dlr"] = accuracy(worst_case(ce_dlr))
             row["worst_case"] = accuracy(worst_case(per_attack.values()))
             table[alpha] = row
             if (

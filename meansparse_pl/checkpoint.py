@@ -68,9 +68,15 @@ def safe_load(path: str | os.PathLike, map_location: str | torch.device = "cpu")
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:
-        first = str(error).splitlines()[0] if str(error) else ""
+        text = str(error)
+        if "GLOBAL" not in text and "global" not in text:  # not a refused object: the bytes are not a pickle
+            raise CheckpointError(
+                f"{path} is corrupt or truncated, or not a torch checkpoint (safe loading cannot parse it); "
+                "refusing to load it unsafely: re-create it with torch.save of tensors / state dicts."
+            ) from error
+        refused = next((line.strip() for line in text.splitlines() if "GLOBAL" in line), "")
         raise CheckpointError(
-            f"{path} needs arbitrary Python objects to load ({first[:160]}); refusing it for safety: save "
+            f"{path} needs arbitrary Python objects to load ({refused[:120]}); refusing it for safety: save "
             "plain tensors / state dicts, or convert it in a trusted environment."
         ) from error
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as error:

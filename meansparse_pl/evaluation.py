@@ -7,7 +7,7 @@ sample's index in the data set, so
 * Lightning's predict loop shards the data across processes *without* padding (its distributed sampler for
   prediction does not repeat samples), and torchmetrics ``CatMetric`` gathers the (index, correct) rows,
   so each sample counts exactly once whatever the number of processes;
-* a state file records every finished (key, batch); an interrupted run skips what is done and, since each
+* a state file records every finished (attack, batch); an interrupted run skips what is done and, since each
   batch's attack is seeded from the seed and the batch's first index, reaches the same numbers.
 """
 
@@ -181,9 +181,9 @@ class EvaluationModule(pl.LightningModule):
                         **task.options,
                     ).cpu()
                 self.state.record(task.key, index_list, correct)
+                self.state.save()  # after every attack: an interruption loses at most one attack on one batch
             rows = torch.stack([indices.cpu().to(torch.float64), correct.to(torch.float64)], dim=1)
             self.rows[self._metric_name(task.key)].update(rows.to(self.device))
-        self.state.save()
 
     def gathered(self) -> dict[str, dict[int, bool]]:
         """Per task, index -> correct, over all processes (torchmetrics gathers the rows)."""
