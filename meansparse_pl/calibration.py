@@ -8,6 +8,7 @@ passes it through unchanged, so every site sees the features of the unmodified m
 from __future__ import annotations
 
 import contextlib
+import itertools
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -86,7 +87,9 @@ class StatisticsCollector:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(images)
         if int(images) == 0:
-            raise DataNotFoundError("the calibration data yielded no images; check the training split and limits.")
+            raise DataNotFoundError(
+                "the calibration data yielded no images; check the training split and limits."
+            )
         for op, accumulator in zip(self.operators, self.moments, strict=True):
             moments = accumulator.compute()
             if not (torch.isfinite(moments.mean).all() and torch.isfinite(moments.m2).all()):
@@ -125,10 +128,10 @@ def calibrate(
     if total is None and hasattr(dataloader, "__len__"):
         total = len(dataloader)
     with collector.observing():
-        bar = tqdm(dataloader, total=total, desc="MeanSparse statistics", unit="batch", disable=not progress)
+        # islice, not a break inside the loop: no batch beyond the limit is drawn (and loaded) from the loader
+        batches = itertools.islice(dataloader, limit_batches)
+        bar = tqdm(batches, total=total, desc="MeanSparse statistics", unit="batch", disable=not progress)
         for i, batch in enumerate(bar):
-            if limit_batches is not None and i >= limit_batches:
-                break
             images = _inputs_of(batch).to(device, non_blocking=True)
             if not torch.isfinite(images).all():
                 raise StatisticsError(
@@ -136,4 +139,6 @@ def calibrate(
                 )
             collector.observe(images)
     images = collector.finish()
-    return CalibrationSummary(len(collector.operators), images, collector.batches, time.perf_counter() - start)
+    return CalibrationSummary(
+        len(collector.operators), images, collector.batches, time.perf_counter() - start
+    )

@@ -42,7 +42,7 @@ class _ExactSparsify(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, centre: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
         inside_band = (x - centre).abs_() < threshold
         ctx.save_for_backward(inside_band)
-        return torch.where(inside_band, centre, x)
+        return torch.where(inside_band, centre.to(x.dtype), x)
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
@@ -55,7 +55,7 @@ class _StraightThroughSparsify(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, centre: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
-        return torch.where((x - centre).abs_() < threshold, centre, x)
+        return torch.where((x - centre).abs_() < threshold, centre.to(x.dtype), x)
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
@@ -158,7 +158,10 @@ class MeanSparse(nn.Module):
             centre = self.mean.mean().expand_as(self.mean)
         shape = [1] * x.dim()
         shape[self.channel_dim] = self.num_channels
-        return centre.to(x.dtype).view(shape), threshold.to(x.dtype).view(shape)
+        # The band test runs in the wider of the input and buffer dtypes (float32 for half / bfloat16 inputs), so
+        # a low-precision input gets exactly the float32 decision; only the output is in the input dtype.
+        dtype = torch.promote_types(x.dtype, self.mean.dtype)
+        return centre.to(dtype).view(shape), threshold.to(dtype).view(shape)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._observer is not None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
@@ -156,7 +157,9 @@ def _override_channel_dim(path: str, overrides: dict[str, int] | None) -> int | 
 
 # ------------------------------------------------------------------------------------------------- fx
 class _ActivationLeafTracer(fx.Tracer):
-    def __init__(self, leaf_patterns: Sequence[str]) -> None:
+    # the default lets torch.load / multiprocessing re-create the tracer (GraphModule.__reduce__ retraces with
+    # a no-argument subclass of the recorded tracer class)
+    def __init__(self, leaf_patterns: Sequence[str] = ()) -> None:
         super().__init__()
         self.leaf_patterns = list(leaf_patterns)
 
@@ -172,7 +175,9 @@ def _trace(model: nn.Module, leaf_modules: Sequence[str]) -> fx.GraphModule:
     tracer = _ActivationLeafTracer(leaf_modules)
     graph = tracer.trace(model)
     gm = fx.GraphModule(tracer.root, graph, model.__class__.__name__)
-    gm.train(model.training)
+    # Not gm.train(...): the submodules are the model's own, and a recursive train() would overwrite a mixed
+    # train / eval state (e.g. frozen BatchNorm in a training model).
+    gm.training = model.training
     return gm
 
 
@@ -194,6 +199,31 @@ def _node_call(node: fx.Node, gm: fx.GraphModule) -> tuple[str, str] | None:
     elif node.op == "call_method" and node.target in ACTIVATION_METHODS:
         return _owner_path(node), ACTIVATION_METHODS[node.target]
     return None
+
+
+def _is_inplace(node: fx.Node, gm: fx.GraphModule) -> bool:
+    """Whether the activation call mutates its input (``nn.ReLU(inplace=True)``, ``F.relu_``, ``x.relu_()``)."""
+    if node.op == "call_module":
+        return bool(getattr(gm.get_submodule(node.target), "inplace", False))
+    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+    if name.endswith("_") or node.kwargs.get("inplace", False):
+        return True
+    try:
+        bound = inspect.signature(node.target).bind(*node.args, **node.kwargs)
+    except (TypeError, ValueError):  # builtins without a Python signature
+        return False
+    return bool(bound.arguments.get("inplace", False))
+
+
+def _redirect_later_uses(source: fx.Node, activation: fx.Node) -> None:
+    """After an in-place activation, code that keeps using the input tensor sees the activated values. Once an
+    operator sits in between, the activation mutates the operator's output instead, so later readers of the
+    input must read the activation's result (the same tensor in the original model)."""
+    current = activation.next
+    while current.op != "root":
+        if source in current.all_input_nodes:
+            current.replace_input_with(source, activation)
+        current = current.next
 
 
 def _producer_channel_dim(node: fx.Node, gm: fx.GraphModule, depth: int = 8) -> int | None:
@@ -290,7 +320,13 @@ class _CallSiteDispatch(nn.Module):
             )
         op = self.ops[self.next_call]
         self.next_call += 1
-        return (op(args[0]), *args[1:])
+        x = args[0]
+        out = op(x)
+        if out is not x and getattr(module, "inplace", False):
+            # an in-place activation mutates its input and the model may keep reading that tensor: sparsify it
+            # in place too, so the activation mutates the tensor the model holds, as without the operator
+            out = x.copy_(out)
+        return (out, *args[1:])
 
 
 class _ResetDispatch:
@@ -487,8 +523,9 @@ def sparsify(
 
     def make_operator(site: Site) -> tuple[MeanSparse, Site]:
         name = f"meansparse_{site.index}"
-        op = MeanSparse(site.num_channels, site.channel_dim, alpha, centre, backward_mode)
-        op.site_name = f"site {site.index} ({site.call} in {site.module_path or 'model'})"
+        # on the model's device (where the probe input was put): the buffers must live next to the features
+        op = MeanSparse(site.num_channels, site.channel_dim, alpha, centre, backward_mode).to(x.device)
+        op.site_name = _site_label(site)
         return op, Site(**{**asdict(site), "operator_name": name})
 
     if used == "fx":
@@ -498,8 +535,11 @@ def sparsify(
                 continue
             op, site = make_operator(site)
             gm.add_submodule(site.operator_name, op)
+            source = node.args[0]
+            if _is_inplace(node, gm):
+                _redirect_later_uses(source, node)
             with gm.graph.inserting_before(node):
-                sparsified = gm.graph.call_module(site.operator_name, (node.args[0],))
+                sparsified = gm.graph.call_module(site.operator_name, (source,))
             node.update_arg(0, sparsified)
             placement.sites.append(site)
         gm.graph.lint()
@@ -526,6 +566,9 @@ def sparsify(
         model.register_forward_pre_hook(_ResetDispatch(dispatches))
         result = model
     result.meansparse_placement = placement
+    if isinstance(result, fx.GraphModule):
+        # GraphModule.__deepcopy__ rebuilds the module from its graph and keeps only the attributes listed here
+        result.meta.setdefault("_user_preserved_attributes", {})["meansparse_placement"] = placement
     return result
 
 
@@ -536,12 +579,16 @@ def placement_of(model: nn.Module) -> Placement:
     return placement
 
 
+def _site_label(site: Site) -> str:
+    """The operator's ``site_name``: used in error messages and by :func:`describe` to find the operator."""
+    return f"site {site.index} ({site.call} in {site.module_path or 'model'})"
+
+
 def describe(model: nn.Module) -> str:
     """A Markdown table of every operator: index, module path, call, channel axis, channels, state."""
     placement = placement_of(model)
-    by_name = {
-        name.rsplit(".", 1)[-1]: op for name, op in model.named_modules() if isinstance(op, MeanSparse)
-    }
+    # by label, not by attribute name: hook placement keeps the operators in `<activation>.meansparse.ops.<k>`
+    by_label = {op.site_name: op for op in operators(model)}
     rows = [
         f"Placement: {placement.strategy}, {len(placement.sites)} operators, input {placement.input_shape}",
         "",
@@ -549,7 +596,7 @@ def describe(model: nn.Module) -> str:
         "|---:|---|---|---:|---:|---|---:|---|",
     ]
     for site in placement.sites:
-        op = by_name.get(site.operator_name)
+        op = by_label.get(_site_label(site))
         alpha = f"{float(op.alpha):g}" if op is not None else "?"
         calibrated = "yes" if op is not None and op.is_calibrated else "no"
         rows.append(

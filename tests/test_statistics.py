@@ -1,0 +1,365 @@
+"""Tests of the channel statistics: float64 moments, exact merging, and the calibration pass."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from conftest import (
+    AmbiguousLayoutNet,
+    ConvNeXtBlockNet,
+    DataDependentNet,
+    FunctionalResNet,
+    TransformerBlockNet,
+    WideResNetTiny,
+    make_batches,
+    randomize_batchnorm,
+)
+from torch import nn
+
+from meansparse_pl import calibrate, set_alpha, sparsify
+from meansparse_pl.calibration import StatisticsCollector
+from meansparse_pl.errors import ConfigurationError, MeanSparseError, PlacementError, StatisticsError
+from meansparse_pl.operator import MeanSparse, operators
+from meansparse_pl.statistics import ChannelMoments, Moments, batch_moments, merge_moments
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def reference_moments(x: torch.Tensor, channel_dim: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Population mean / variance per channel in float64 by the two-pass textbook formula."""
+    channel_dim = channel_dim % x.dim()
+    flat = x.double().movedim(channel_dim, -1).reshape(-1, x.shape[channel_dim])
+    mean = flat.sum(0) / flat.shape[0]
+    var = ((flat - mean) ** 2).sum(0) / flat.shape[0]
+    return mean, var, flat.shape[0]
+
+
+def capture_operator_inputs(model: nn.Module, batches) -> dict[MeanSparse, torch.Tensor]:
+    """Every operator's exact input over ``batches`` (forward pre-hooks during a no_grad forward at alpha 0)."""
+    seen: dict[MeanSparse, list[torch.Tensor]] = {op: [] for op in operators(model)}
+    handles = [
+        op.register_forward_pre_hook(lambda m, args: seen[m].append(args[0].detach().clone()))
+        for op in operators(model)
+    ]
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                model(batch)
+    finally:
+        for h in handles:
+            h.remove()
+    return {op: torch.cat(values) for op, values in seen.items()}
+
+
+def assert_relative(actual: torch.Tensor, expected: torch.Tensor, tolerance: float, scale=None) -> None:
+    """|actual - expected| <= tolerance * max(|expected|, scale) elementwise (scale guards means near 0)."""
+    actual, expected = actual.double(), expected.double()
+    reference = expected.abs() if scale is None else torch.maximum(expected.abs(), scale.double())
+    error = (actual - expected).abs() / reference.clamp_min(1e-300)
+    assert error.max().item() <= tolerance, f"max relative error {error.max().item():.3g} > {tolerance:g}"
+
+
+# ------------------------------------------------------------------------------- moments and merging
+def _features(seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    # offset channels with small spread: the regime where naive sum / sum-of-squares formulas lose digits
+    return 1000.0 + torch.arange(5.0).view(1, -1, 1, 1) + 0.01 * torch.randn(64, 5, 3, 3, generator=g)
+
+
+def test_batch_moments_equal_the_two_pass_formula():
+    x = _features()
+    moments = batch_moments(x, 1)
+    mean, var, count = reference_moments(x, 1)
+    assert moments.mean.dtype == moments.m2.dtype == torch.float64
+    assert float(moments.count) == count == 64 * 9
+    assert_relative(moments.mean, mean, 1e-14)
+    assert_relative(moments.var, var, 1e-10)
+    last = batch_moments(x.movedim(1, -1), -1)  # same data laid out channels-last
+    assert_relative(last.mean, mean, 1e-14)
+    assert_relative(last.var, var, 1e-10)
+
+
+@pytest.mark.parametrize("split", [1, 17, 32, 63])
+def test_merge_of_two_parts_equals_one_pass(split):
+    x = _features(1)
+    merged = merge_moments(batch_moments(x[:split], 1), batch_moments(x[split:], 1))
+    whole = batch_moments(x, 1)
+    assert float(merged.count) == float(whole.count)
+    assert_relative(merged.mean, whole.mean, 1e-14)
+    assert_relative(merged.m2, whole.m2, 1e-10)
+    # merging is symmetric
+    swapped = merge_moments(batch_moments(x[split:], 1), batch_moments(x[:split], 1))
+    assert_relative(swapped.mean, whole.mean, 1e-14)
+    assert_relative(swapped.m2, whole.m2, 1e-10)
+
+
+def test_merge_with_an_empty_part_is_the_identity():
+    x = _features(2)
+    empty = Moments(
+        torch.zeros((), dtype=torch.float64),
+        torch.zeros(5, dtype=torch.float64),
+        torch.zeros(5, dtype=torch.float64),
+    )
+    part = batch_moments(x, 1)
+    for merged in (merge_moments(empty, part), merge_moments(part, empty)):
+        assert torch.equal(merged.count, part.count)
+        assert torch.equal(merged.mean, part.mean)
+        assert torch.equal(merged.m2, part.m2)
+    both_empty = merge_moments(empty, empty)
+    assert float(both_empty.count) == 0 and torch.isfinite(both_empty.mean).all()
+
+
+@pytest.mark.parametrize("channel_dim", [1, -1])
+def test_channel_moments_independent_of_batch_size_and_order(channel_dim):
+    x = _features(3)
+    if channel_dim == -1:
+        x = x.movedim(1, -1).contiguous()
+    mean, var, count = reference_moments(x, channel_dim)
+    results = []
+    for batch_size in (1, 7, 64):
+        for shuffle in (False, True):
+            order = (
+                torch.randperm(64, generator=torch.Generator().manual_seed(batch_size)) if shuffle else None
+            )
+            data = x[order] if shuffle else x
+            metric = ChannelMoments(5, channel_dim)
+            for batch in data.split(batch_size):
+                metric.update(batch)
+            results.append(metric.compute())
+    for result in results:
+        assert float(result.count) == count
+        assert_relative(result.mean, mean, 1e-12)
+        assert_relative(result.var, var, 1e-9)  # var ~ 1e-4 at values ~ 1e3: 1e-12 of the scale of x^2
+        assert_relative(result.mean, results[0].mean, 1e-12)
+        assert_relative(result.var, results[0].var, 1e-9)
+
+
+def test_channel_moments_keep_float64_when_the_model_is_cast():
+    metric = ChannelMoments(3).half()
+    assert metric.mean.dtype == metric.m2.dtype == metric.count.dtype == torch.float64
+    x = torch.randn(4, 3, 2, 2).to(torch.float16)
+    metric.update(x)
+    result = metric.compute()
+    mean, var, _ = reference_moments(x, 1)
+    assert result.mean.dtype == torch.float64
+    assert_relative(result.mean, mean, 1e-12, scale=var.sqrt())
+    assert_relative(result.var, var, 1e-12)
+
+
+# ------------------------------------------------------------------------ calibration vs brute force
+CALIBRATION_MODELS = {
+    "functional-resnet": (lambda: randomize_batchnorm(FunctionalResNet()), (3, 8, 8)),
+    "wideresnet-silu": (lambda: randomize_batchnorm(WideResNetTiny()), (3, 8, 8)),
+    "transformer-NLC": (TransformerBlockNet, (6, 8)),
+    "convnext-NHWC": (ConvNeXtBlockNet, (3, 12, 12)),
+    "ambiguous-H-W-C": (AmbiguousLayoutNet, (4, 4, 4)),
+    "hooks-reused-module": (DataDependentNet, (3, 8, 8)),
+}
+
+
+@pytest.mark.parametrize("name", list(CALIBRATION_MODELS))
+def test_calibrated_statistics_equal_float64_brute_force(name):
+    factory, shape = CALIBRATION_MODELS[name]
+    model = sparsify(factory().eval(), shape)
+    batches = make_batches(shape, 40, 16, seed=4)  # 16 + 16 + 8: an uneven last batch
+    summary = calibrate(model, batches, progress=False)
+    assert (summary.images, summary.batches) == (40, 3)
+    captured = capture_operator_inputs(model, batches)
+    for op in operators(model):
+        mean, var, count = reference_moments(captured[op], op.channel_dim)
+        assert float(op.count) == count
+        assert op.mean.dtype == op.var.dtype == torch.float32
+        assert_relative(op.mean, mean, 1e-6, scale=var.sqrt())
+        assert_relative(op.var, var, 1e-6)
+
+
+def test_statistics_independent_of_batch_size_and_order_end_to_end():
+    """Float64 model, so the features themselves do not depend on the batching (float32 convolutions do at
+    the 1e-8 level): the calibrated statistics agree to 1e-12 for batch sizes 1, 7, 64 and a shuffled order."""
+    model = sparsify(randomize_batchnorm(FunctionalResNet()).double().eval(), (3, 4, 4)).double()
+    assert operators(model)[0].mean.dtype == torch.float64
+    data = torch.cat(make_batches((3, 4, 4), 64, 64, seed=5)).double()
+    runs = []
+    for batch_size, shuffle in ((64, False), (1, True), (7, False), (7, True), (64, True)):
+        ordered = data[torch.randperm(64, generator=torch.Generator().manual_seed(6))] if shuffle else data
+        calibrate(model, list(ordered.split(batch_size)), progress=False)
+        runs.append([(op.mean.clone(), op.var.clone(), float(op.count)) for op in operators(model)])
+    for run in runs[1:]:
+        for (mean, var, count), (mean0, var0, count0) in zip(run, runs[0], strict=True):
+            assert count == count0 == 64 * 16
+            assert_relative(mean, mean0, 1e-12, scale=var0.sqrt())
+            assert_relative(var, var0, 1e-12)
+    captured = capture_operator_inputs(model, [data])
+    for op, (mean0, var0, _) in zip(operators(model), runs[0], strict=True):
+        mean, var, _ = reference_moments(captured[op], op.channel_dim)
+        assert_relative(mean0, mean, 1e-12, scale=var.sqrt())
+        assert_relative(var0, var, 1e-12)
+
+
+def test_recalibration_replaces_the_statistics():
+    model = sparsify(randomize_batchnorm(FunctionalResNet()).eval(), (3, 8, 8))
+    first, second = make_batches((3, 8, 8), 16, 8, seed=7), make_batches((3, 8, 8), 16, 8, seed=8)
+    calibrate(model, first, progress=False)
+    calibrate(model, second, progress=False)
+    captured = capture_operator_inputs(model, second)
+    for op in operators(model):
+        mean, var, count = reference_moments(captured[op], op.channel_dim)
+        assert float(op.count) == count
+        assert_relative(op.mean, mean, 1e-6, scale=var.sqrt())
+        assert_relative(op.var, var, 1e-6)
+
+
+def test_calibration_sees_the_unmodified_features_at_any_alpha():
+    model = sparsify(randomize_batchnorm(FunctionalResNet()).eval(), (3, 8, 8))
+    batches = make_batches((3, 8, 8), 16, 8, seed=9)
+    calibrate(model, batches, progress=False)
+    reference = [(op.mean.clone(), op.var.clone()) for op in operators(model)]
+    set_alpha(model, 1.0)  # a large band: operators applied during calibration would change later sites
+    calibrate(model, batches, progress=False)
+    for op, (mean, var) in zip(operators(model), reference, strict=True):
+        assert torch.equal(op.mean, mean) and torch.equal(op.var, var)
+    assert float(operators(model)[0].alpha) == 1.0
+
+
+# ------------------------------------------------------------------------------- calibration contract
+def test_calibration_leaves_the_model_untouched_and_restores_modes():
+    base = randomize_batchnorm(WideResNetTiny())
+    model = sparsify(base, (3, 8, 8))
+    model.train()
+    base.block.bn2.eval()  # mixed modes must come back exactly
+    modes = {name: m.training for name, m in model.named_modules()}
+    parameters = {name: p.detach().clone() for name, p in model.named_parameters()}
+    buffers = {name: b.clone() for name, b in model.named_buffers() if "meansparse" not in name}
+    assert any("running_mean" in name for name in buffers)
+    calibrate(model, make_batches((3, 8, 8), 24, 8, seed=10), progress=False)
+    assert {name: m.training for name, m in model.named_modules()} == modes
+    for name, value in model.named_parameters():
+        assert torch.equal(value, parameters[name]), name
+    for name, value in model.named_buffers():
+        if name in buffers:
+            assert torch.equal(value, buffers[name]), name
+    assert all(op._observer is None for op in operators(model))
+    assert all(op.is_calibrated for op in operators(model))
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_non_finite_data_is_rejected(bad):
+    model = sparsify(FunctionalResNet().eval(), (3, 8, 8))
+    batches = make_batches((3, 8, 8), 16, 8, seed=11)
+    batches[1][3, 0, 2, 2] = bad
+    with pytest.raises(StatisticsError, match="batch 1"):
+        calibrate(model, batches, progress=False)
+    assert not any(op.is_calibrated for op in operators(model))
+    assert all(op._observer is None for op in operators(model))
+
+
+def test_non_finite_features_are_rejected_with_the_site_name():
+    model = sparsify(FunctionalResNet().eval(), (3, 8, 8))
+    with torch.no_grad():
+        model.layer1.conv2.weight[0, 0, 0, 0] = math.nan  # a diverged layer: site 2 (after the sum) sees NaN
+    with pytest.raises(StatisticsError, match="site 2"):
+        calibrate(model, make_batches((3, 8, 8), 16, 8, seed=12), progress=False)
+
+
+def test_empty_dataloader_is_a_clear_error():
+    model = sparsify(FunctionalResNet().eval(), (3, 8, 8))
+    with pytest.raises(MeanSparseError, match="no images"):
+        calibrate(model, [], progress=False)
+    empty_loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.zeros(0, 3, 8, 8)))
+    with pytest.raises(MeanSparseError, match="no images"):
+        calibrate(model, empty_loader, progress=False)
+    assert not any(op.is_calibrated for op in operators(model))
+
+
+class CountingLoader:
+    """An iterable that records how many batches were drawn from it."""
+
+    def __init__(self, batches) -> None:
+        self.batches = batches
+        self.drawn = 0
+
+    def __iter__(self):
+        for batch in self.batches:
+            self.drawn += 1
+            yield batch
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+def test_limit_batches_is_honoured():
+    model = sparsify(randomize_batchnorm(FunctionalResNet()).eval(), (3, 8, 8))
+    batches = make_batches((3, 8, 8), 40, 8, seed=13)
+    loader = CountingLoader([(b, torch.zeros(len(b), dtype=torch.long)) for b in batches])  # (images, labels)
+    summary = calibrate(model, loader, limit_batches=2, progress=False)
+    assert (summary.batches, summary.images) == (2, 16)
+    assert loader.drawn == 2  # no batch beyond the limit is loaded
+    captured = capture_operator_inputs(model, batches[:2])
+    for op in operators(model):
+        mean, var, count = reference_moments(captured[op], op.channel_dim)
+        assert float(op.count) == count
+        assert_relative(op.mean, mean, 1e-6, scale=var.sqrt())
+        assert_relative(op.var, var, 1e-6)
+    for bad in (0, -1):
+        with pytest.raises(ConfigurationError):
+            calibrate(model, loader, limit_batches=bad, progress=False)
+
+
+def test_batch_formats():
+    model = sparsify(FunctionalResNet().eval(), (3, 8, 8))
+    images = make_batches((3, 8, 8), 8, 8, seed=14)[0]
+    calibrate(model, [images], progress=False)
+    reference = [op.mean.clone() for op in operators(model)]
+    for batch in ({"image": images, "label": 0}, {"input": images}, [images, torch.zeros(8)]):
+        calibrate(model, [batch], progress=False)
+        assert all(torch.equal(op.mean, m) for op, m in zip(operators(model), reference, strict=True))
+    with pytest.raises(ConfigurationError):
+        calibrate(model, [{"pixels": images}], progress=False)
+
+
+def test_calibrating_a_model_without_operators_is_an_error():
+    with pytest.raises(PlacementError):
+        calibrate(FunctionalResNet(), make_batches((3, 8, 8), 8, 8), progress=False)
+
+
+def test_collector_statistics_before_finish_are_float64():
+    model = sparsify(FunctionalResNet().eval(), (3, 8, 8))
+    collector = StatisticsCollector(model)
+    batches = make_batches((3, 8, 8), 16, 8, seed=15)
+    with collector.observing():
+        for batch in batches:
+            collector.observe(batch)
+    moments = [m.compute() for m in collector.moments]
+    assert all(m.mean.dtype == torch.float64 for m in moments)
+    assert collector.finish() == 16
+    captured = capture_operator_inputs(model, batches)
+    for op, m in zip(operators(model), moments, strict=True):
+        mean, var, _ = reference_moments(captured[op], op.channel_dim)
+        assert_relative(m.mean, mean, 1e-12, scale=var.sqrt())
+        assert_relative(m.var, var, 1e-12)
+    copy.deepcopy(model)  # operators stay deep-copyable after calibration (no observer closures left)
+
+
+@pytest.mark.filterwarnings("ignore:The ``compute`` method")  # states set by hand, update() never called
+def test_channel_moments_merge_the_stacked_states_of_several_processes():
+    """After a torch.distributed sync torchmetrics stacks each process's (count, mean, m2); compute() must merge
+    them exactly (here: three uneven shards, states stacked by hand as the gather would)."""
+    x = _features(16)
+    shards = [x[:5], x[5:40], x[40:]]
+    per_process = []
+    for shard in shards:
+        metric = ChannelMoments(5, 1)
+        metric.update(shard)
+        per_process.append(metric.compute())
+    gathered = ChannelMoments(5, 1)
+    gathered.count = torch.stack([m.count for m in per_process])
+    gathered.mean = torch.stack([m.mean for m in per_process])
+    gathered.m2 = torch.stack([m.m2 for m in per_process])
+    merged = gathered.compute()
+    mean, var, count = reference_moments(x, 1)
+    assert float(merged.count) == count
+    assert_relative(merged.mean, mean, 1e-12)
+    assert_relative(merged.var, var, 1e-9)
