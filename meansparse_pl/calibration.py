@@ -92,6 +92,11 @@ class StatisticsCollector:
             )
         for op, accumulator in zip(self.operators, self.moments, strict=True):
             moments = accumulator.compute()
+            if float(moments.count) == 0:
+                raise StatisticsError(
+                    f"{op.site_name}: the site never ran during calibration (a branch the data did not take?); "
+                    "exclude it with exclude=[...] / sites=[...] or calibrate on data that reaches it."
+                )
             if not (torch.isfinite(moments.mean).all() and torch.isfinite(moments.m2).all()):
                 raise StatisticsError(
                     f"{op.site_name}: NaN or Inf in the channel statistics (bad input data or a diverged "

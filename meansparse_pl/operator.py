@@ -114,18 +114,30 @@ class MeanSparse(nn.Module):
         self.site_name = ""  # set by placement, used in error messages
         self.register_buffer("mean", torch.zeros(num_channels))
         self.register_buffer("var", torch.ones(num_channels))
-        self.register_buffer("count", torch.zeros((), dtype=torch.float64))
+        # int64: model.half() must not turn a count of millions of elements into float16 inf
+        self.register_buffer("count", torch.zeros((), dtype=torch.int64))
         self.register_buffer("alpha", torch.tensor(check_alpha(alpha)))
+        # Host-side copies of alpha and "calibrated", so forward never reads a device tensor (a GPU sync and
+        # a torch.compile graph break per operator per call). Kept in step by set_alpha, set_statistics and
+        # state-dict loading; write the buffers only through those.
+        self._alpha_value = float(self.alpha)
+        self._calibrated = False
         # While calibration runs, an observer sees every input and the operator passes it through untouched.
         self._observer: Callable[[torch.Tensor], None] | None = None
 
     # ----------------------------------------------------------------------------------------- state
     @property
     def is_calibrated(self) -> bool:
-        return bool(self.count > 0)
+        return self._calibrated
 
     def set_alpha(self, alpha: float) -> None:
         self.alpha.fill_(check_alpha(alpha))
+        self._alpha_value = float(self.alpha)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._alpha_value = float(self.alpha)
+        self._calibrated = bool(self.count > 0)
 
     def set_statistics(self, mean: torch.Tensor, var: torch.Tensor, count: float) -> None:
         """Install channel statistics (from calibration or a checkpoint), validating them first."""
@@ -145,7 +157,8 @@ class MeanSparse(nn.Module):
             raise StatisticsError(f"{where}: negative variance; the statistics are corrupt.")
         self.mean.copy_(mean.to(self.mean))
         self.var.copy_(var.to(self.var))
-        self.count.fill_(float(count))
+        self.count.fill_(int(round(float(count))))
+        self._calibrated = bool(self.count > 0)
 
     # --------------------------------------------------------------------------------------- forward
     def _centre_and_threshold(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -178,7 +191,7 @@ class MeanSparse(nn.Module):
                 f"{self.site_name or 'MeanSparse operator'} has no channel statistics; run "
                 "meansparse_pl.calibrate(model, train_loader) (or `cli.py postprocess`) before using it."
             )
-        if float(self.alpha) == 0.0:
+        if self._alpha_value == 0.0:
             return x
         centre, threshold = self._centre_and_threshold(x)
         return _SPARSIFY_BY_MODE[self.backward_mode].apply(x, centre, threshold)

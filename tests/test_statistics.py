@@ -363,3 +363,33 @@ def test_channel_moments_merge_the_stacked_states_of_several_processes():
     assert float(merged.count) == count
     assert_relative(merged.mean, mean, 1e-12)
     assert_relative(merged.var, var, 1e-9)
+
+
+class _BranchyNet(nn.Module):
+    """The second activation runs only for inputs with a negative sum: calibration data never takes it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.ReLU()
+        self.b = nn.ReLU()
+
+    def forward(self, x):
+        x = self.a(x)
+        if x.sum() < 0:
+            x = self.b(x)
+        return x
+
+
+def test_site_that_never_ran_is_named():
+    model = sparsify(_BranchyNet(), torch.rand(1, 3, 4, 4) - 5, strategy="hooks")
+    with pytest.raises(StatisticsError, match="never ran during calibration"):
+        calibrate(model, [torch.rand(2, 3, 4, 4)], progress=False)
+
+
+def test_half_precision_keeps_the_count_exact():
+    model = sparsify(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()), (3, 64, 64))
+    calibrate(model, [torch.rand(20, 3, 64, 64)], progress=False)
+    count = int(operators(model)[0].count)
+    assert count == 20 * 62 * 62 > 65504  # above the float16 range
+    model.half()
+    assert int(operators(model)[0].count) == count and operators(model)[0].is_calibrated
