@@ -1,0 +1,91 @@
+"""Command-line interface: ``python cli.py {fit,validate,test} --config configs/<name>.yaml``.
+
+A thin :class:`~lightning.pytorch.cli.LightningCLI` subclass. The model is always
+:class:`~meansparse_pl.module.AdversarialClassifier` (its arguments are the ``model:`` section); the data is
+any ``LightningDataModule`` given by ``class_path`` (``data:`` section), and the data-dependent model
+arguments (``num_classes``, ``in_channels``, ``normalization``) are linked from the instantiated datamodule so
+that a config cannot disagree with its data set.
+
+Extending: new subcommands (the MeanSparse ``postprocess`` / ``alpha_search`` / ``evaluate`` steps) are added
+by overriding :meth:`MeanSparseCLI.subcommands` and giving ``trainer_class`` a Trainer subclass with a method
+of that name (LightningCLI builds each subcommand's parser from that method's signature and runs it).
+
+Errors a user can cause (:class:`~meansparse_pl.errors.MeanSparseError`) are printed by :func:`main` as one
+``error: <message>`` line on stderr with exit status 2, like argparse's own errors, instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from lightning.pytorch import LightningDataModule, Trainer
+from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
+
+from meansparse_pl.errors import MeanSparseError
+from meansparse_pl.module import AdversarialClassifier
+
+EXIT_USER_ERROR = 2
+
+
+class MeanSparseCLI(LightningCLI):
+    """LightningCLI for training and evaluating the classifiers that MeanSparse post-processes.
+
+    Defaults that differ from LightningCLI's: the model class is fixed to ``AdversarialClassifier``, the
+    datamodule is chosen by ``class_path``, ``Trainer(inference_mode=False)`` (validation runs PGD, which
+    needs gradients), the optimiser and schedule are the model's own arguments (the paper's SGD + step
+    decay, stored in the checkpoint's hyper-parameters) instead of LightningCLI's ``--optimizer`` injection,
+    and the saved ``config.yaml`` of a run is overwritten when a run directory is reused.
+    """
+
+    def __init__(self, args: ArgsType = None, **kwargs: Any) -> None:
+        kwargs.setdefault("model_class", AdversarialClassifier)
+        kwargs.setdefault("datamodule_class", LightningDataModule)
+        kwargs.setdefault("subclass_mode_data", True)
+        kwargs.setdefault("trainer_class", Trainer)
+        kwargs.setdefault("trainer_defaults", {"inference_mode": False})
+        kwargs.setdefault("auto_configure_optimizers", False)
+        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        kwargs.setdefault(
+            "parser_kwargs", {"description": "Adversarial training / evaluation for MeanSparse."}
+        )
+        super().__init__(args=args, **kwargs)
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        """Subcommands and the Trainer-method arguments they do not expose (filled from the config)."""
+        return {
+            "fit": {"model", "train_dataloaders", "val_dataloaders", "datamodule"},
+            "validate": {"model", "dataloaders", "datamodule"},
+            "test": {"model", "dataloaders", "datamodule"},
+        }
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        """Link the datamodule's data-set facts into the model at instantiation time."""
+        parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
+        parser.link_arguments(
+            "data.input_shape", "model.in_channels", compute_fn=_channels_of, apply_on="instantiate"
+        )
+        parser.link_arguments("data.normalization", "model.normalization", apply_on="instantiate")
+
+
+def _channels_of(input_shape: tuple[int, ...]) -> int:
+    """Channels of a ``(C, H, W)`` input shape."""
+    return int(input_shape[0])
+
+
+def main(args: ArgsType = None) -> MeanSparseCLI:
+    """Run the CLI; a :class:`MeanSparseError` becomes ``error: <message>`` on stderr and exit status 2.
+
+    Args:
+        args: Command-line arguments (default: ``sys.argv[1:]``), e.g. ``["fit", "--config", "x.yaml"]``.
+
+    Returns:
+        The finished CLI, whose ``model``, ``datamodule`` and ``trainer`` can be inspected (in-process use).
+    """
+    try:
+        return MeanSparseCLI(args=args)
+    except MeanSparseError as err:
+        message = " ".join(str(err).split())  # one line, whatever the message's own line breaks
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)

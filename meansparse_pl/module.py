@@ -1,0 +1,356 @@
+"""Adversarial training of image classifiers as a LightningModule (the models MeanSparse post-processes).
+
+The paper (Amini et al., 2024, appendix A) trains its ResNet-18 ablation models with PGD-10 adversarial
+training (Madry et al., 2018), TRADES (Zhang et al., 2019) or plain cross-entropy, evaluates clean and PGD
+accuracy after every epoch and keeps the epoch with the best PGD accuracy. :class:`AdversarialClassifier`
+does exactly that; the model-selection rule is the ``ModelCheckpoint(monitor="val/pgd_acc", mode="max")``
+callback of the configs in ``configs/``.
+
+Where the normalisation comes from: networks of :mod:`meansparse_pl.models` take ``[0, 1]`` images and
+normalise inside, so the attack's eps-ball and ``[0, 1]`` box are in pixel space. The per-channel
+mean / std is a constructor argument (``normalization``). The CLI links it from the datamodule when the
+classes are instantiated, so the network is always built eagerly in ``__init__`` there. When the module is
+used from Python with ``normalization=None``, the network is built lazily in :meth:`configure_model`
+(Lightning's hook that runs after ``setup``), taking the attached datamodule's ``normalization`` or, without
+one, the identity; the resolved value is written back into ``hparams`` so that a checkpoint always rebuilds
+the very same network eagerly in ``load_from_checkpoint``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from meansparse_pl.attacks import check_eps, check_norm, eval_mode, pgd_perturb, trades_loss
+from meansparse_pl.errors import ConfigurationError
+from meansparse_pl.models import create_model
+
+Objective = Literal["standard", "pgd", "trades"]
+OBJECTIVES: tuple[str, ...] = ("standard", "pgd", "trades")
+OPTIMIZERS: tuple[str, ...] = ("sgd", "adam")
+Normalization = tuple[tuple[float, ...], tuple[float, ...]]
+
+
+def _is_int(value: Any) -> bool:
+    return not isinstance(value, bool) and isinstance(value, int | float) and int(value) == value
+
+
+def _check_positive_int(name: str, value: Any, example: str) -> int:
+    if not _is_int(value) or value < 1:
+        raise ConfigurationError(f"{name} must be an integer >= 1, got {value!r}; {example}.")
+    return int(value)
+
+
+def _check_finite(name: str, value: Any, *, minimum: float, strict: bool, example: str) -> float:
+    value = float(value)
+    ok = value > minimum if strict else value >= minimum
+    if not ok or math.isnan(value) or math.isinf(value):
+        sign = ">" if strict else ">="
+        raise ConfigurationError(
+            f"{name} must be a finite number {sign} {minimum:g}, got {value}; {example}."
+        )
+    return value
+
+
+def _plain_normalization(normalization: Any, in_channels: int) -> Normalization | None:
+    """Validate a ``(mean, std)`` pair and turn it into nested tuples of Python floats.
+
+    Plain types keep the hyper-parameters loadable with ``torch.load(weights_only=True)``.
+    """
+    if normalization is None:
+        return None
+    try:
+        mean, std = normalization
+        mean = tuple(float(v) for v in mean)
+        std = tuple(float(v) for v in std)
+    except (TypeError, ValueError):
+        raise ConfigurationError(
+            f"normalization must be a pair (mean, std) of per-channel sequences, got {normalization!r}; "
+            "e.g. [[0.4914, 0.4822, 0.4465], [0.2471, 0.2435, 0.2616]] for CIFAR-10."
+        ) from None
+    if len(mean) != in_channels or len(std) != in_channels:
+        raise ConfigurationError(
+            f"normalization needs {in_channels} means and stds (in_channels={in_channels}), got "
+            f"{len(mean)} and {len(std)}; give one value per input channel."
+        )
+    if any(not (s > 0) or math.isinf(s) for s in std) or any(math.isnan(m) or math.isinf(m) for m in mean):
+        raise ConfigurationError(
+            f"normalization std must be finite and > 0 and mean finite, got {normalization!r}."
+        )
+    return mean, std
+
+
+class AdversarialClassifier(pl.LightningModule):
+    """Image classifier trained with standard, PGD (Madry) or TRADES adversarial training.
+
+    Attacks during training are generated with the network in **eval** mode: BatchNorm uses its running
+    statistics, so the adversarial search neither updates them nor depends on the rest of the batch (as in
+    the TRADES reference implementation and the MeanSparse training code). The training loss is then
+    computed in train mode, and each submodule's own train flag is restored afterwards.
+
+    Validation and test report clean accuracy and PGD accuracy (``val_attack_steps`` steps, same eps, norm,
+    step size and random start as training) through torchmetrics objects, so Lightning reduces them across
+    DDP processes. PGD needs input gradients: the attack re-enables them locally (``torch.enable_grad`` under
+    ``torch.inference_mode(False)``, cloning the batch out of inference mode), so the module works with any
+    ``Trainer(inference_mode=...)``; the configs set ``inference_mode: false`` anyway, which avoids the clone.
+    """
+
+    def __init__(
+        self,
+        backbone: str = "resnet18",
+        backbone_kwargs: dict[str, Any] | None = None,
+        num_classes: int = 10,
+        in_channels: int = 3,
+        normalization: Normalization | None = None,
+        objective: Objective = "pgd",
+        norm: Literal["Linf", "L2"] = "Linf",
+        eps: float = 8 / 255,
+        step_size: float = 0.0078,
+        attack_steps: int = 10,
+        random_start: bool = True,
+        trades_beta: float = 6.0,
+        val_attack_steps: int = 10,
+        optimizer: Literal["sgd", "adam"] = "sgd",
+        lr: float = 0.1,
+        momentum: float = 0.9,
+        weight_decay: float = 5e-4,
+        lr_milestones: Sequence[int] = (100, 150),
+        lr_gamma: float = 0.1,
+    ) -> None:
+        """
+        Args:
+            backbone: Network name for ``meansparse_pl.models.create_model``: resnet18, preact_resnet18,
+                wrn_28_10, wrn_34_10, wrn_70_16, small_cnn or torchvision:<name>.
+            backbone_kwargs: Extra keyword arguments of the network, e.g. {"activation": "gelu"}.
+            num_classes: Number of classes (linked from the datamodule by the CLI).
+            in_channels: Input channels (linked from the datamodule by the CLI).
+            normalization: Per-channel (mean, std) the network applies to its [0, 1] input (the CLI links
+                it from the datamodule). None: build the network in configure_model() with the attached
+                datamodule's normalization, or the identity (mean 0, std 1) without one.
+            objective: standard (clean cross-entropy), pgd (Madry PGD-AT) or trades (Zhang et al.).
+            norm: Threat model of the training and validation attacks: Linf or L2.
+            eps: Attack radius in [0, 1] pixel units (paper: 8/255 for Linf). Must be > 0 for every
+                objective, since validation always measures PGD accuracy.
+            step_size: PGD step size (paper: 0.0078 for Linf eps 8/255).
+            attack_steps: PGD steps of the training attack (paper: 10).
+            random_start: Start PGD at a uniform random point of the eps-ball (training and validation).
+            trades_beta: TRADES weight of the KL term (Zhang et al. use 6.0; the MeanSparse paper A.5 uses 0.6).
+            val_attack_steps: PGD steps of the attack measuring val/pgd_acc and test/pgd_acc.
+            optimizer: sgd (paper) or adam.
+            lr: Initial learning rate (paper: 0.1 with SGD).
+            momentum: SGD momentum (paper: 0.9); ignored by adam.
+            weight_decay: L2 weight decay (paper: 5e-4).
+            lr_milestones: Epochs at which the learning rate is multiplied by lr_gamma (paper: 100, 150).
+            lr_gamma: Learning-rate decay factor at each milestone (paper: 0.1).
+        """
+        super().__init__()
+        if objective not in OBJECTIVES:
+            raise ConfigurationError(f"objective must be one of {OBJECTIVES}, got {objective!r}.")
+        if optimizer not in OPTIMIZERS:
+            raise ConfigurationError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}.")
+        check_norm(norm)
+        num_classes = _check_positive_int("num_classes", num_classes, "e.g. 10 for CIFAR-10")
+        if num_classes < 2:
+            raise ConfigurationError(f"num_classes must be >= 2, got {num_classes}.")
+        in_channels = _check_positive_int("in_channels", in_channels, "3 for RGB, 1 for grey images")
+        # Checked for every objective: validation always runs PGD, even for standard training.
+        eps = check_eps(eps)
+        step_size = _check_finite("step_size", step_size, minimum=0.0, strict=True, example="paper: 0.0078")
+        attack_steps = _check_positive_int("attack_steps", attack_steps, "paper: 10 (PGD-10)")
+        val_attack_steps = _check_positive_int("val_attack_steps", val_attack_steps, "e.g. 10 (PGD-10)")
+        trades_beta = _check_finite(
+            "trades_beta", trades_beta, minimum=0.0, strict=False, example="paper A.5: 0.6"
+        )
+        lr = _check_finite("lr", lr, minimum=0.0, strict=True, example="paper: 0.1 with SGD")
+        momentum = _check_finite("momentum", momentum, minimum=0.0, strict=False, example="paper: 0.9")
+        weight_decay = _check_finite(
+            "weight_decay", weight_decay, minimum=0.0, strict=False, example="paper: 5e-4"
+        )
+        lr_gamma = _check_finite("lr_gamma", lr_gamma, minimum=0.0, strict=True, example="paper: 0.1")
+        milestones = [
+            _check_positive_int("lr_milestones entry", m, "epochs, e.g. [100, 150]") for m in lr_milestones
+        ]
+        if milestones != sorted(set(milestones)):
+            raise ConfigurationError(
+                f"lr_milestones must be strictly increasing epochs, got {list(lr_milestones)}."
+            )
+        if backbone_kwargs is not None and not isinstance(backbone_kwargs, dict):
+            raise ConfigurationError(f"backbone_kwargs must be a mapping, got {backbone_kwargs!r}.")
+
+        # Hyper-parameters are stored as plain Python types so that checkpoints load with weights_only=True.
+        self.save_hyperparameters(
+            {
+                "backbone": str(backbone),
+                "backbone_kwargs": dict(backbone_kwargs or {}),
+                "num_classes": num_classes,
+                "in_channels": in_channels,
+                "normalization": _plain_normalization(normalization, in_channels),
+                "objective": objective,
+                "norm": norm,
+                "eps": float(eps),
+                "step_size": float(step_size),
+                "attack_steps": int(attack_steps),
+                "random_start": bool(random_start),
+                "trades_beta": trades_beta,
+                "val_attack_steps": val_attack_steps,
+                "optimizer": optimizer,
+                "lr": lr,
+                "momentum": momentum,
+                "weight_decay": weight_decay,
+                "lr_milestones": tuple(milestones),
+                "lr_gamma": lr_gamma,
+            }
+        )
+
+        self.model: nn.Module | None = None
+        if self.hparams.normalization is not None:
+            self.model = self._build(self.hparams.normalization)
+        else:
+            # Fail on an unknown backbone now, not at setup: build on the meta device (no memory, no init).
+            with torch.device("meta"):
+                self._build(None)
+
+        # One metric object per quantity and stage: Lightning calls compute() at epoch end, which reduces
+        # the counts over DDP processes (micro average = correct / total over the whole set).
+        self.train_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.val_clean_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.val_pgd_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.test_clean_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.test_pgd_acc = MulticlassAccuracy(num_classes, average="micro")
+
+    # ----------------------------------------------------------------------------------------- the network
+    def _build(self, normalization: Normalization | None) -> nn.Module:
+        hp = self.hparams
+        return create_model(
+            hp.backbone,
+            num_classes=hp.num_classes,
+            in_channels=hp.in_channels,
+            normalization=normalization,
+            **hp.backbone_kwargs,
+        )
+
+    def configure_model(self) -> None:
+        """Build the network now if ``normalization`` was left to the datamodule (see the module docstring)."""
+        if self.model is not None:
+            return
+        normalization = None
+        datamodule = self._trainer.datamodule if self._trainer is not None else None
+        if datamodule is not None and getattr(datamodule, "normalization", None) is not None:
+            normalization = _plain_normalization(datamodule.normalization, self.hparams.in_channels)
+        if normalization is None:
+            c = self.hparams.in_channels
+            normalization = ((0.0,) * c, (1.0,) * c)  # identity, stated explicitly so checkpoints rebuild it
+        self.hparams["normalization"] = normalization
+        self.model = self._build(normalization)
+
+    def _network(self) -> nn.Module:
+        if self.model is None:
+            raise RuntimeError(
+                "the network is built in configure_model() because normalization=None; run it through a "
+                "Trainer or pass normalization=(mean, std) to the constructor."
+            )
+        return self.model
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Logits of the network for images ``x`` in [0, 1]."""
+        return self._network()(x)
+
+    # --------------------------------------------------------------------------------------------- attacks
+    def attack(self, x: Tensor, y: Tensor, steps: int) -> Tensor:
+        """PGD adversarial examples for ``(x, y)``, generated with the network in eval mode."""
+        hp = self.hparams
+        model = self._network()
+        with eval_mode(model):
+            return pgd_perturb(
+                model,
+                x,
+                y,
+                eps=hp.eps,
+                step_size=hp.step_size,
+                steps=steps,
+                norm=hp.norm,
+                random_start=hp.random_start,
+            )
+
+    def training_loss(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """The objective's loss and the logits it was computed from (for the training accuracy).
+
+        Kept separate from :meth:`training_step` so that the plain-PyTorch benchmark loop and the tests run
+        exactly the same computation.
+        """
+        hp = self.hparams
+        model = self._network()
+        if hp.objective == "standard":
+            logits = model(x)
+            return F.cross_entropy(logits, y), logits
+        if hp.objective == "pgd":
+            x_adv = self.attack(x, y, hp.attack_steps)
+            logits = model(x_adv)
+            return F.cross_entropy(logits, y), logits
+        loss, _, adv_logits = trades_loss(
+            model,
+            x,
+            y,
+            eps=hp.eps,
+            step_size=hp.step_size,
+            steps=hp.attack_steps,
+            beta=hp.trades_beta,
+            norm=hp.norm,
+        )
+        return loss, adv_logits
+
+    # ------------------------------------------------------------------------------------------ lightning
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x, y = batch
+        loss, logits = self.training_loss(x, y)
+        self.train_acc(logits.detach(), y)
+        self.log("train/loss", loss.detach(), on_step=True, on_epoch=True, prog_bar=True, batch_size=len(y))
+        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, batch_size=len(y))
+        return loss
+
+    def _evaluate(self, batch: tuple[Tensor, Tensor], stage: str) -> None:
+        x, y = batch
+        clean_metric = getattr(self, f"{stage}_clean_acc")
+        pgd_metric = getattr(self, f"{stage}_pgd_acc")
+        model = self._network()
+        logits = model(x)
+        clean_metric(logits, y)
+        # pgd_perturb re-enables gradients itself, also under Lightning's no_grad / inference_mode.
+        x_adv = self.attack(x, y, self.hparams.val_attack_steps)
+        with torch.no_grad():
+            adv_logits = model(x_adv)
+        pgd_metric(adv_logits, y)
+        n = len(y)
+        self.log(f"{stage}/loss", F.cross_entropy(logits, y), on_epoch=True, sync_dist=True, batch_size=n)
+        self.log(
+            f"{stage}/clean_acc", clean_metric, on_step=False, on_epoch=True, prog_bar=True, batch_size=n
+        )
+        self.log(f"{stage}/pgd_acc", pgd_metric, on_step=False, on_epoch=True, prog_bar=True, batch_size=n)
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, "val")
+
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, "test")
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        """SGD (or Adam) with a step decay at ``lr_milestones`` epochs, the paper's schedule."""
+        hp = self.hparams
+        params = self._network().parameters()
+        if hp.optimizer == "sgd":
+            opt: torch.optim.Optimizer = torch.optim.SGD(
+                params, lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay
+            )
+        else:
+            opt = torch.optim.Adam(params, lr=hp.lr, weight_decay=hp.weight_decay)
+        sched = torch.optim.lr_scheduler.MultiStepLR(
+            opt, milestones=list(hp.lr_milestones), gamma=hp.lr_gamma
+        )
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
