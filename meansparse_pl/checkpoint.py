@@ -124,6 +124,24 @@ def load_checkpoint(
             model = fallback_model
         else:
             model = _build_architecture(record.get("architecture"), path)
+    try:
+        sparse = rebuild_operators(model, record)
+    except CheckpointError as error:
+        raise CheckpointError(f"{path}: {error}") from error
+    state = _model_state(payload)
+    try:
+        sparse.load_state_dict(state, strict=True)
+    except RuntimeError as error:
+        detail = str(error).splitlines()
+        raise CheckpointError(
+            f"{path}: weights do not fit the model ({detail[1].strip() if len(detail) > 1 else detail[0]}); "
+            "is it the right architecture?"
+        ) from error
+    return sparse
+
+
+def rebuild_operators(model: nn.Module, record: dict[str, Any]) -> nn.Module:
+    """Insert operators into a fresh ``model`` exactly where the checkpoint ``record`` says they were."""
     placement = Placement.from_dict(record["placement"])
     try:
         sparse = sparsify(
@@ -138,7 +156,7 @@ def load_checkpoint(
             channel_dims=placement.channel_dims,
         )
     except MeanSparseError as error:
-        raise CheckpointError(f"{path}: cannot rebuild the operators on this model: {error}") from error
+        raise CheckpointError(f"cannot rebuild the operators on this model: {error}") from error
     rebuilt = [(s.index, s.channel_dim, s.num_channels) for s in placement_of(sparse).sites]
     saved = [(s.index, s.channel_dim, s.num_channels) for s in placement.sites]
     if rebuilt != saved:
@@ -147,18 +165,9 @@ def load_checkpoint(
             min(len(rebuilt), len(saved)),
         )
         raise CheckpointError(
-            f"{path}: the model has {len(rebuilt)} operator sites, the checkpoint {len(saved)}, first difference "
-            f"at position {first} (index, channel dim, channels); the checkpoint belongs to another architecture."
+            f"the model has {len(rebuilt)} operator sites, the checkpoint {len(saved)}, first difference at "
+            f"position {first} (index, channel dim, channels); the checkpoint belongs to another architecture."
         )
-    state = _model_state(payload)
-    try:
-        sparse.load_state_dict(state, strict=True)
-    except RuntimeError as error:
-        detail = str(error).splitlines()
-        raise CheckpointError(
-            f"{path}: weights do not fit the model ({detail[1].strip() if len(detail) > 1 else detail[0]}); "
-            "is it the right architecture?"
-        ) from error
     return sparse
 
 

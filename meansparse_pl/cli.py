@@ -1,4 +1,7 @@
-"""Command-line interface: ``python cli.py {fit,validate,test} --config configs/<name>.yaml``.
+"""Command-line interface: ``python cli.py SUBCOMMAND --config configs/<name>.yaml``.
+
+Subcommands: ``fit``, ``validate``, ``test`` (Lightning's) and the MeanSparse steps ``postprocess``,
+``alpha_search`` and ``evaluate`` (methods of :class:`~meansparse_pl.trainer.MeanSparseTrainer`).
 
 A thin :class:`~lightning.pytorch.cli.LightningCLI` subclass. The model is always
 :class:`~meansparse_pl.module.AdversarialClassifier` (its arguments are the ``model:`` section); the data is
@@ -6,9 +9,9 @@ any ``LightningDataModule`` given by ``class_path`` (``data:`` section), and the
 arguments (``num_classes``, ``in_channels``, ``normalization``) are linked from the instantiated datamodule so
 that a config cannot disagree with its data set.
 
-Extending: new subcommands (the MeanSparse ``postprocess`` / ``alpha_search`` / ``evaluate`` steps) are added
-by overriding :meth:`MeanSparseCLI.subcommands` and giving ``trainer_class`` a Trainer subclass with a method
-of that name (LightningCLI builds each subcommand's parser from that method's signature and runs it).
+Extending: a new subcommand is a method of :class:`~meansparse_pl.trainer.MeanSparseTrainer` listed in
+:meth:`MeanSparseCLI.subcommands` (LightningCLI builds each subcommand's parser from that method's
+signature and runs it).
 
 Errors a user can cause (:class:`~meansparse_pl.errors.MeanSparseError`) are printed by :func:`main` as one
 ``error: <message>`` line on stderr with exit status 2, like argparse's own errors, instead of a traceback.
@@ -19,11 +22,12 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from lightning.pytorch import LightningDataModule, Trainer
+from lightning.pytorch import LightningDataModule
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 
 from meansparse_pl.errors import MeanSparseError
 from meansparse_pl.module import AdversarialClassifier
+from meansparse_pl.trainer import MeanSparseTrainer
 
 EXIT_USER_ERROR = 2
 
@@ -42,7 +46,7 @@ class MeanSparseCLI(LightningCLI):
         kwargs.setdefault("model_class", AdversarialClassifier)
         kwargs.setdefault("datamodule_class", LightningDataModule)
         kwargs.setdefault("subclass_mode_data", True)
-        kwargs.setdefault("trainer_class", Trainer)
+        kwargs.setdefault("trainer_class", MeanSparseTrainer)
         kwargs.setdefault("trainer_defaults", {"inference_mode": False})
         kwargs.setdefault("auto_configure_optimizers", False)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
@@ -58,6 +62,9 @@ class MeanSparseCLI(LightningCLI):
             "fit": {"model", "train_dataloaders", "val_dataloaders", "datamodule"},
             "validate": {"model", "dataloaders", "datamodule"},
             "test": {"model", "dataloaders", "datamodule"},
+            "postprocess": {"model", "datamodule"},
+            "alpha_search": {"model", "datamodule"},
+            "evaluate": {"model", "datamodule"},
         }
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:

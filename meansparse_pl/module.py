@@ -236,6 +236,34 @@ class AdversarialClassifier(pl.LightningModule):
             **hp.backbone_kwargs,
         )
 
+    def architecture(self) -> dict[str, Any]:
+        """How to rebuild this network from the model registry (stored in MeanSparse checkpoints)."""
+        hp = self.hparams
+        kwargs = {"num_classes": hp.num_classes, "in_channels": hp.in_channels, **hp.backbone_kwargs}
+        if hp.normalization is not None:
+            kwargs["normalization"] = hp.normalization
+        return {"name": hp.backbone, "kwargs": kwargs}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """A sparsified network also saves its placement, so loading can rebuild the operators."""
+        if self.model is not None and getattr(self.model, "meansparse_placement", None) is not None:
+            from meansparse_pl.checkpoint import placement_record
+
+            checkpoint["meansparse"] = placement_record(self.model, self.architecture())
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Re-insert MeanSparse operators before Lightning loads a sparsified state dict into the network."""
+        record = checkpoint.get("meansparse")
+        if (
+            record is None
+            or self.model is None
+            or getattr(self.model, "meansparse_placement", None) is not None
+        ):
+            return
+        from meansparse_pl.checkpoint import rebuild_operators
+
+        self.model = rebuild_operators(self.model, record)
+
     def configure_model(self) -> None:
         """Build the network now if ``normalization`` was left to the datamodule (see the module docstring)."""
         if self.model is not None:

@@ -1,0 +1,254 @@
+"""End to end through the CLI: fit with the MeanSparseCallback, postprocess, alpha_search, evaluate, and a
+one-line error (never a traceback) for each kind of bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from meansparse_pl import calibrate, get_alpha, operators, sparsify
+from meansparse_pl.checkpoint import load_checkpoint, save_checkpoint
+from meansparse_pl.cli import main
+from meansparse_pl.data import FashionMNISTDataModule
+from meansparse_pl.module import AdversarialClassifier
+
+ROOT = Path(__file__).parent.parent
+FMNIST = "/usr/share/datasets/fashion-mnist"
+DATA = [
+    "--data=meansparse_pl.data.FashionMNISTDataModule",
+    f"--data.data_dir={FMNIST}",
+    "--data.train_subset=256",
+    "--data.val_subset=64",
+    "--data.test_subset=64",
+    "--data.val_size=500",
+    "--data.batch_size=64",
+    "--data.eval_batch_size=64",
+]
+QUIET = [
+    "--trainer.logger=false",
+    "--trainer.enable_progress_bar=false",
+    "--trainer.enable_model_summary=false",
+]
+MODEL = [
+    "--model.backbone=small_cnn",
+    "--model.backbone_kwargs={'channels': [8, 16], 'hidden': 32}",
+    "--model.eps=0.1",
+]
+
+
+def _datamodule() -> FashionMNISTDataModule:
+    dm = FashionMNISTDataModule(
+        FMNIST,
+        train_subset=256,
+        val_subset=64,
+        test_subset=64,
+        val_size=500,
+        batch_size=64,
+        eval_batch_size=64,
+    )
+    dm.setup("fit")
+    return dm
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, single_thread_module):
+    """A one-epoch fit with the callback: the best Lightning checkpoint and the sparsified checkpoint."""
+    out = tmp_path_factory.mktemp("fit")
+    main(
+        [
+            "fit",
+            *DATA,
+            *QUIET,
+            *MODEL,
+            "--model.attack_steps=2",
+            "--model.val_attack_steps=2",
+            "--model.optimizer=adam",
+            "--model.lr=0.003",
+            "--trainer.max_epochs=1",
+            f"--trainer.default_root_dir={out}",
+            "--trainer.accelerator=cpu",
+            "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
+            f"--trainer.callbacks.dirpath={out}/ckpt",
+            "--trainer.callbacks.monitor=val/pgd_acc",
+            "--trainer.callbacks.mode=max",
+            "--trainer.callbacks+=meansparse_pl.callback.MeanSparseCallback",
+            f"--trainer.callbacks.output_path={out}/sparse.pt",
+        ]
+    )
+    best = next((out / "ckpt").glob("*.ckpt"))
+    return {"dir": out, "best": best, "sparse": out / "sparse.pt"}
+
+
+@pytest.fixture(scope="module")
+def single_thread_module():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_callback_statistics_equal_a_direct_calibration_of_the_best_weights(trained):
+    sparse = load_checkpoint(trained["sparse"])
+    assert get_alpha(sparse) == 0.0 and len(operators(sparse)) == 3
+    # independent: the best Lightning checkpoint, sparsified and calibrated directly on the same split
+    module = AdversarialClassifier.load_from_checkpoint(trained["best"], weights_only=True)
+    reference = sparsify(module.model.eval(), (1, 28, 28))
+    calibrate(reference, _datamodule().calibration_dataloader(), progress=False)
+    sites = sparse.meansparse_placement.sites
+    for site, a, b in zip(sites, operators(sparse), operators(reference), strict=True):
+        spatial = int(torch.tensor(site.input_shape[2:]).prod()) if len(site.input_shape) > 2 else 1
+        assert int(a.count) == int(b.count) == 256 * spatial  # every training image exactly once
+        torch.testing.assert_close(a.mean, b.mean, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(a.var, b.var, rtol=1e-6, atol=1e-7)
+
+
+def test_postprocess_from_a_lightning_checkpoint_with_limited_batches(trained, tmp_path):
+    output = tmp_path / "post.pt"
+    main(
+        [
+            "postprocess",
+            *DATA,
+            *QUIET,
+            *MODEL,
+            f"--checkpoint={trained['best']}",
+            f"--output={output}",
+            "--alpha=0.2",
+            "--trainer.limit_predict_batches=2",
+            "--exclude=['backbone.act3']",
+        ]
+    )
+    sparse = load_checkpoint(output)
+    payload = torch.load(output, weights_only=True)
+    assert payload["metadata"]["calibration"]["images"] == 128  # 2 batches of 64, recorded in the output
+    assert get_alpha(sparse) == pytest.approx(0.2) and len(operators(sparse)) == 2
+    module = AdversarialClassifier.load_from_checkpoint(trained["best"], weights_only=True)
+    reference = sparsify(module.model.eval(), (1, 28, 28), exclude=["backbone.act3"])
+    calibrate(reference, _datamodule().calibration_dataloader(), limit_batches=2, progress=False)
+    for a, b in zip(operators(sparse), operators(reference), strict=True):
+        torch.testing.assert_close(a.mean, b.mean, rtol=1e-6, atol=1e-7)
+
+
+def test_alpha_search_writes_reports_and_the_chosen_alpha(trained, tmp_path):
+    checkpoint = tmp_path / "sparse.pt"
+    checkpoint.write_bytes(trained["sparse"].read_bytes())
+    main(
+        [
+            "alpha_search",
+            *DATA,
+            *QUIET,
+            *MODEL,
+            f"--checkpoint={checkpoint}",
+            "--alphas=[0, 0.3, 2.0]",
+            "--eps=0.1",
+            "--n_iter=2",
+            "--limit_samples=32",
+            "--batch_size=32",
+            "--max_clean_drop=100",
+            f"--output_dir={tmp_path}/as",
+        ]
+    )
+    result = json.loads((tmp_path / "as" / "alpha_search.json").read_text())
+    assert result["num_samples"] == 32 and set(result["accuracy"]) == {"0", "0.3", "2"}
+    assert (tmp_path / "as" / "alpha_search.png").read_bytes()[:4] == b"\x89PNG"
+    assert "Rule:" in (tmp_path / "as" / "alpha_search.md").read_text()
+    assert get_alpha(load_checkpoint(checkpoint)) == pytest.approx(result["suggestion"])
+    # independent check of the clean column at alpha 0: the trained network itself on the same 32 images
+    module = AdversarialClassifier.load_from_checkpoint(trained["best"], weights_only=True).eval()
+    images, labels = next(
+        iter(torch.utils.data.DataLoader(_datamodule().val_dataloader().dataset, batch_size=32))
+    )
+    with torch.no_grad():
+        expected = 100.0 * (module(images).argmax(1) == labels).float().mean().item()
+    assert result["accuracy"]["0"]["clean"] == pytest.approx(expected)
+
+
+def test_evaluate_reports_base_and_meansparse_side_by_side(trained, tmp_path):
+    checkpoint = tmp_path / "sparse.pt"
+    sparse = load_checkpoint(trained["sparse"])
+    for op in operators(sparse):
+        op.set_alpha(0.5)
+    save_checkpoint(
+        sparse,
+        checkpoint,
+        architecture=torch.load(trained["sparse"], weights_only=True)["meansparse"]["architecture"],
+    )
+    main(
+        [
+            "evaluate",
+            *DATA,
+            *QUIET,
+            *MODEL,
+            f"--checkpoint={checkpoint}",
+            "--attacks=[clean, apgd-ce, bpda-apgd-ce]",
+            "--eps=[0.05, 0.1]",
+            "--large_eps=0.5",
+            "--attack_options={'apgd-ce': {'n_iter': 3}, 'bpda-apgd-ce': {'n_iter': 3}}",
+            "--limit_samples=32",
+            "--batch_size=32",
+            f"--output_dir={tmp_path}/ev",
+            "--histogram_site=0",
+        ]
+    )
+    report = json.loads((tmp_path / "ev" / "evaluation.json").read_text())
+    variants = {(r["name"], r["eps"]) for r in report["results"]}
+    assert variants == {("meansparse", 0.05), ("meansparse", 0.1), ("base", 0.05), ("base", 0.1)}
+    for r in report["results"]:
+        acc = r["accuracy"]
+        assert acc["best_known"] <= min(acc["clean"], acc["apgd-ce"], acc["bpda-apgd-ce"]) + 1e-9
+        if r["name"] == "base":  # identity operators: BPDA is exact-gradient APGD
+            assert acc["bpda-apgd-ce"] == acc["apgd-ce"]
+    assert any("accuracy falls as epsilon grows" in line for line in report["sanity_checks"])
+    assert (tmp_path / "ev" / "histogram_site0.png").read_bytes()[:4] == b"\x89PNG"
+    assert "best known" in (tmp_path / "ev" / "evaluation.md").read_text()
+
+
+def _cli_error(args: list[str], capsys) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err and err[-1].startswith("error:"), err
+    return err[-1]
+
+
+def test_bad_inputs_are_one_line_errors(trained, tmp_path, capsys):
+    base = [*DATA, *QUIET, *MODEL]
+    line = _cli_error(
+        ["alpha_search", *base, f"--checkpoint={trained['sparse']}", "--alphas=[0, -0.1]"], capsys
+    )
+    assert "alpha" in line and "-0.1" in line
+    line = _cli_error(["evaluate", *base, f"--checkpoint={trained['sparse']}", "--eps=[0.0]"], capsys)
+    assert "eps" in line
+    # a plain trained model (no operators) given to alpha_search
+    line = _cli_error(["alpha_search", *base, f"--checkpoint={trained['best']}"], capsys)
+    assert "not a meansparse_pl checkpoint" in line and "postprocess" in line
+    # sparsified but never calibrated
+    module = AdversarialClassifier.load_from_checkpoint(trained["best"], weights_only=True)
+    uncalibrated = tmp_path / "uncalibrated.pt"
+    save_checkpoint(sparsify(module.model, (1, 28, 28)), uncalibrated, architecture=module.architecture())
+    line = _cli_error(["alpha_search", *base, f"--checkpoint={uncalibrated}"], capsys)
+    assert "uncalibrated" in line and "postprocess" in line
+    line = _cli_error(["evaluate", *base, f"--checkpoint={tmp_path}/missing.pt"], capsys)
+    assert "no checkpoint file" in line
+    line = _cli_error(
+        ["postprocess", *base, f"--data.data_dir={tmp_path}/nowhere", f"--output={tmp_path}/x.pt"], capsys
+    )
+    assert "nowhere" in line
+
+
+def test_no_traceback_from_the_real_command_line(trained):
+    done = subprocess.run(
+        [sys.executable, "cli.py", "alpha_search", *DATA, *QUIET, f"--checkpoint={trained['best']}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith("error:")
