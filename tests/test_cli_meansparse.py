@@ -252,3 +252,34 @@ def test_no_traceback_from_the_real_command_line(trained):
     assert done.returncode == 2
     assert "Traceback" not in done.stderr
     assert done.stderr.strip().splitlines()[-1].startswith("error:")
+
+
+def test_postprocess_any_module_by_class_path_and_plain_weights(tmp_path):
+    from meansparse_pl.models.small_cnn import SmallCNN
+
+    torch.manual_seed(1)
+    network = SmallCNN(channels=(4, 8), hidden=16).eval()
+    torch.save(network.state_dict(), tmp_path / "weights.pt")
+    output = tmp_path / "post.pt"
+    main(
+        [
+            "postprocess",
+            *DATA,
+            *QUIET,
+            "--network=meansparse_pl.models.small_cnn.SmallCNN",
+            "--network.channels=[4, 8]",
+            "--network.hidden=16",
+            f"--checkpoint={tmp_path / 'weights.pt'}",
+            f"--output={output}",
+            "--trainer.limit_predict_batches=2",  # 1 would parse as 1.0 = 100% (Lightning convention)
+        ]
+    )
+    # the file records no architecture (an arbitrary class is never imported from a checkpoint): pass a model
+    sparse = load_checkpoint(output, SmallCNN(channels=(4, 8), hidden=16)).eval()
+    images = torch.rand(5, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.equal(sparse(images), network(images))  # alpha 0: bit-identical to the given weights
+    reference = sparsify(network, (1, 28, 28))
+    calibrate(reference, _datamodule().calibration_dataloader(), limit_batches=2, progress=False)
+    for a, b in zip(operators(sparse), operators(reference), strict=True):
+        torch.testing.assert_close(a.mean, b.mean, rtol=1e-6, atol=1e-7)
