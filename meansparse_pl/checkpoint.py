@@ -128,16 +128,28 @@ def load_checkpoint(
         sparse = rebuild_operators(model, record)
     except CheckpointError as error:
         raise CheckpointError(f"{path}: {error}") from error
-    state = _model_state(payload)
+    _load_state(sparse, _model_state(payload), path, "is it the right architecture?")
+    return sparse
+
+
+def load_weights(
+    network: nn.Module, path: str | os.PathLike, *, hint: str = "is it the right architecture?"
+) -> None:
+    """Load trained weights into ``network``: a plain state dict, or a Lightning checkpoint of a module that
+    wraps the network as ``self.model``; safely (weights_only) and strictly, with one clear error."""
+    _load_state(network, _model_state(safe_load(path)), path, hint)
+
+
+def _load_state(
+    network: nn.Module, state: dict[str, torch.Tensor], path: str | os.PathLike, hint: str
+) -> None:
     try:
-        sparse.load_state_dict(state, strict=True)
+        network.load_state_dict(state, strict=True)
     except RuntimeError as error:
         detail = str(error).splitlines()
         raise CheckpointError(
-            f"{path}: weights do not fit the model ({detail[1].strip() if len(detail) > 1 else detail[0]}); "
-            "is it the right architecture?"
+            f"{path}: weights do not fit the model ({detail[1].strip() if len(detail) > 1 else detail[0]}); {hint}"
         ) from error
-    return sparse
 
 
 def rebuild_operators(model: nn.Module, record: dict[str, Any]) -> nn.Module:

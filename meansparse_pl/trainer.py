@@ -23,7 +23,7 @@ from torch.utils.data import Dataset, Subset
 
 from meansparse_pl.alpha_search import PAPER_ALPHAS, SEARCH_ATTACKS, AlphaSearch, Criterion
 from meansparse_pl.calibration import StatisticsCollector, _inputs_of
-from meansparse_pl.checkpoint import load_checkpoint, safe_load, save_checkpoint
+from meansparse_pl.checkpoint import load_checkpoint, load_weights, safe_load, save_checkpoint
 from meansparse_pl.errors import CheckpointError, ConfigurationError
 from meansparse_pl.evaluation import EvaluationTask, run_tasks, worst_case
 from meansparse_pl.io import atomic_write_json, atomic_write_text
@@ -69,23 +69,6 @@ def _subset(dataset: Dataset, limit: int | None) -> Dataset:
     if limit < 1:
         raise ConfigurationError(f"limit_samples must be >= 1 or null, got {limit}.")
     return Subset(dataset, range(limit))
-
-
-def _weights_into(model: pl.LightningModule, checkpoint: str) -> None:
-    """Load trained weights (a Lightning checkpoint of the model, or a plain state dict of the network)."""
-    payload = safe_load(checkpoint)
-    state = payload.get("state_dict", payload)
-    if not isinstance(state, dict):
-        raise CheckpointError(f"{checkpoint} holds no state dict.")
-    network_state = {k[len("model.") :]: v for k, v in state.items() if str(k).startswith("model.")} or state
-    try:
-        model.model.load_state_dict(network_state, strict=True)
-    except RuntimeError as error:
-        lines = str(error).splitlines()
-        raise CheckpointError(
-            f"{checkpoint}: weights do not fit the configured network ({(lines[1] if len(lines) > 1 else lines[0]).strip()}); "
-            "check model.backbone / backbone_kwargs."
-        ) from error
 
 
 class MeanSparseTrainer(pl.Trainer):
@@ -136,7 +119,7 @@ class MeanSparseTrainer(pl.Trainer):
         if getattr(model, "model", None) is None:
             raise ConfigurationError("no network to post-process: configure model.backbone or --network.")
         if checkpoint:
-            _weights_into(model, checkpoint)
+            load_weights(model.model, checkpoint, hint="check model.backbone / backbone_kwargs or --network.")
         datamodule.setup("fit")
         loader = datamodule.calibration_dataloader()
         example = _inputs_of(next(iter(loader)))[:1]
