@@ -48,10 +48,11 @@ class MeanSparseCallback(pl.Callback):
         centre: band centre: channel_mean (paper), zero or global_mean (paper A.7).
         strategy: placement strategy: auto, fx or hooks.
         leaf_modules: fnmatch patterns of submodules torch.fx should not trace into.
+        preset: site rule: activations (paper) or published_wrn / published_convnext / published_swin.
         use_best_checkpoint: load the ``ModelCheckpoint`` callback's best weights before sparsifying.
         limit_batches: collect statistics on only this many batches per process (None: the whole split).
         batch_size: calibration batch size (None: the datamodule's).
-        output_path: where to write the sparsified checkpoint (default: ``<log dir>/meansparse.pt``).
+        output_path: where to write the sparsified checkpoint (default: ``<trainer.default_root_dir>/meansparse.pt``).
     """
 
     def __init__(
@@ -63,6 +64,7 @@ class MeanSparseCallback(pl.Callback):
         centre: Centre = "channel_mean",
         strategy: Strategy = "auto",
         leaf_modules: Sequence[str] = (),
+        preset: str = "activations",
         use_best_checkpoint: bool = True,
         limit_batches: int | None = None,
         batch_size: int | None = None,
@@ -79,6 +81,7 @@ class MeanSparseCallback(pl.Callback):
             "centre": centre,
             "strategy": strategy,
             "leaf_modules": tuple(leaf_modules),
+            "preset": preset,
         }
         self.use_best_checkpoint = use_best_checkpoint
         self.limit_batches = limit_batches
@@ -109,9 +112,7 @@ class MeanSparseCallback(pl.Callback):
         set_alpha(sparse, self.alpha)
         seconds = time.perf_counter() - start
         self.summary = {"sites": len(collector.operators), "images": images, "seconds": round(seconds, 2)}
-        path = Path(
-            self.output_path or os.path.join(trainer.log_dir or trainer.default_root_dir, "meansparse.pt")
-        )
+        path = Path(self.output_path or os.path.join(trainer.default_root_dir, "meansparse.pt"))
         if trainer.is_global_zero:
             architecture = pl_module.architecture() if hasattr(pl_module, "architecture") else None
             save_checkpoint(sparse, path, architecture=architecture, metadata={"calibration": self.summary})

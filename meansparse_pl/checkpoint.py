@@ -21,7 +21,7 @@ from torch import nn
 from meansparse_pl.errors import CheckpointError, MeanSparseError
 from meansparse_pl.io import atomic_torch_save
 from meansparse_pl.operator import get_alpha, operators
-from meansparse_pl.placement import Placement, placement_of, sparsify
+from meansparse_pl.placement import Placement, placement_of, sparsify_like
 
 FORMAT = "meansparse_pl.checkpoint/1"
 LIGHTNING_PREFIX = "model."
@@ -156,17 +156,7 @@ def rebuild_operators(model: nn.Module, record: dict[str, Any]) -> nn.Module:
     """Insert operators into a fresh ``model`` exactly where the checkpoint ``record`` says they were."""
     placement = Placement.from_dict(record["placement"])
     try:
-        sparse = sparsify(
-            model,
-            placement.input_shape,
-            include=placement.include,
-            exclude=placement.exclude,
-            sites=placement.site_indices,
-            centre=placement.centre,  # type: ignore[arg-type]
-            strategy=placement.strategy,  # type: ignore[arg-type]
-            leaf_modules=placement.leaf_modules or (),
-            channel_dims=placement.channel_dims,
-        )
+        sparse = sparsify_like(model, placement)
     except MeanSparseError as error:
         raise CheckpointError(f"cannot rebuild the operators on this model: {error}") from error
     rebuilt = [(s.index, s.channel_dim, s.num_channels) for s in placement_of(sparse).sites]

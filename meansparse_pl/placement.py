@@ -12,6 +12,14 @@ Two strategies, like torch.ao.quantization's eager and fx modes:
 
 The channel axis of each site is decided from a probe forward: ``(N, C, ...)`` conv features use dim 1,
 ``(N, L, C)`` tokens and ``(N, H, W, C)`` channels-last MLP features use the last dim.
+
+Presets. The paper places operators "before all activations" (preset ``activations``, the default). The
+released MeanSparse models also put operators after residual sums and after MLP output projections; the
+``published_*`` presets reproduce those sites with three more fx site kinds (``residual_add``: after the sum
+of two input-dependent tensors of equal shape; ``after_module``: after a call of a module matched by name),
+see :data:`PRESETS` and ``docs/published_models.md``. A fourth strategy, ``published``, swaps the
+published-style MeanSparse modules a model already contains for this package's operators
+(:mod:`meansparse_pl.published`).
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import inspect
+import operator
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
@@ -33,7 +42,8 @@ from torch.overrides import TorchFunctionMode
 from meansparse_pl.errors import ConfigurationError, PlacementError
 from meansparse_pl.operator import BackwardMode, Centre, MeanSparse, check_alpha, operators
 
-Strategy = Literal["auto", "fx", "hooks"]
+Strategy = Literal["auto", "fx", "hooks", "published"]
+SiteKind = Literal["activation", "residual_add", "after_module", "published"]
 
 # --------------------------------------------------------------------------------------------- registry
 ACTIVATION_MODULES: list[type[nn.Module]] = [
@@ -94,6 +104,84 @@ def _is_activation_module(module: nn.Module) -> bool:
     return isinstance(module, tuple(ACTIVATION_MODULES))
 
 
+# ---------------------------------------------------------------------------------------------- presets
+@dataclass(frozen=True)
+class PlacementPreset:
+    """A named site rule: which kinds of fx sites get an operator.
+
+    Attributes:
+        name: the name recorded in :class:`Placement` (checkpoints rebuild the same sites from it).
+        description: one line for documentation and error messages.
+        activations: an operator before every activation call (the paper's rule).
+        residual_adds: an operator after every residual sum: an ``add`` of two tensors of the same shape
+            that both depend on the model input (so ``x + pos_embed`` or ``attn + relative_bias`` are not
+            residual sums, ``x + f(x)`` and ``shortcut(x) + f(x)`` are).
+        after_modules: fnmatch patterns of module paths: an operator after every call of a matching
+            module. Matching modules are traced as leaves, so a module fx would trace through (timm's
+            ``DropPath``) is still one call site.
+        exclude: fnmatch patterns of site module paths never sparsified (squeeze-and-excitation blocks).
+        channel_dims: fnmatch pattern -> channel axis for sites whose layout the automatic detection
+            cannot see (window-attention outputs reach the residual sum through reshapes); the caller's
+            ``channel_dims`` still take precedence.
+    """
+
+    name: str
+    description: str
+    activations: bool = True
+    residual_adds: bool = False
+    after_modules: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    channel_dims: tuple[tuple[str, int], ...] = ()
+
+
+PRESETS: dict[str, PlacementPreset] = {}
+
+
+def register_preset(preset: PlacementPreset) -> None:
+    """Make a site rule available by name to :func:`sparsify` (and to checkpoints that record it)."""
+    if not isinstance(preset, PlacementPreset):
+        raise ConfigurationError(f"register_preset takes a PlacementPreset, got {preset!r}.")
+    if not (preset.activations or preset.residual_adds or preset.after_modules):
+        raise ConfigurationError(f"preset {preset.name!r} selects no site kind.")
+    PRESETS[preset.name] = preset
+
+
+for _preset in (
+    PlacementPreset("activations", "before every activation call (the paper's rule)"),
+    PlacementPreset(
+        "published_wrn",
+        "released S-WRN / Ra-WRN models: before every activation and after every residual sum; nothing "
+        "inside squeeze-and-excitation modules",
+        residual_adds=True,
+        exclude=("*.se.*", "*.se"),
+    ),
+    PlacementPreset(
+        "published_convnext",
+        "released ConvNeXt-L: before the MLP activation (channels-last) and after drop_path on the "
+        "residual branch, before the add (channels-first)",
+        after_modules=("*.drop_path",),
+        channel_dims=(("*.drop_path", 1), ("*.mlp.act", -1)),
+    ),
+    PlacementPreset(
+        "published_swin",
+        "released Swin-L: after both residual sums of every block, before the MLP activation and after the "
+        "MLP's fc2; every feature is channels-last",
+        residual_adds=True,
+        after_modules=("*.mlp.fc2",),
+        channel_dims=(("*", -1),),
+    ),
+):
+    register_preset(_preset)
+
+
+def get_preset(name: str) -> PlacementPreset:
+    """The preset called ``name``, or a ConfigurationError listing the known ones."""
+    preset = PRESETS.get(name) if isinstance(name, str) else None
+    if preset is None:
+        raise ConfigurationError(f"unknown placement preset {name!r}; known presets: {', '.join(PRESETS)}.")
+    return preset
+
+
 # ------------------------------------------------------------------------------------------------ sites
 @dataclass(frozen=True)
 class Site:
@@ -106,6 +194,10 @@ class Site:
     channel_dim: int
     num_channels: int
     operator_name: str = ""  # attribute name of the inserted operator, "" before insertion
+    # what the operator is attached to: the input of an activation call (the paper's rule), the output of a
+    # residual sum or of a named module (published presets), or a swapped published module. The default
+    # keeps records written before site kinds existed loadable.
+    kind: str = "activation"
 
 
 @dataclass
@@ -121,6 +213,8 @@ class Placement:
     leaf_modules: list[str] | None = None
     centre: str = "channel_mean"
     sites: list[Site] = field(default_factory=list)
+    # the site rule (see PRESETS); the default keeps records written before presets existed loadable
+    preset: str = "activations"
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -173,7 +267,10 @@ class _ActivationLeafTracer(fx.Tracer):
 
 def _trace(model: nn.Module, leaf_modules: Sequence[str]) -> fx.GraphModule:
     tracer = _ActivationLeafTracer(leaf_modules)
-    graph = tracer.trace(model)
+    # Trace in eval mode: MeanSparse models are used frozen, and Python branches on `self.training` (timm's
+    # DropPath, F.dropout(training=self.training)) are fixed at trace time.
+    with _probe_mode(model):
+        graph = tracer.trace(model)
     gm = fx.GraphModule(tracer.root, graph, model.__class__.__name__)
     # Not gm.train(...): the submodules are the model's own, and a recursive train() would overwrite a mixed
     # train / eval state (e.g. frozen BatchNorm in a training model).
@@ -270,6 +367,120 @@ def _fx_candidate_sites(
         if dim is None:
             dim = _infer_channel_dim_from_shape(shape)
         found.append((Site(len(found), path, call, shape, dim, shape[dim]), node))
+    return found
+
+
+# Residual sums: additions of two input-dependent tensors of the same shape (see PlacementPreset).
+_ADD_FUNCTIONS: dict[Any, str] = {
+    operator.add: "operator.add",
+    operator.iadd: "operator.iadd",
+    torch.add: "torch.add",
+}
+_ADD_METHODS: dict[str, str] = {"add": "Tensor.add", "add_": "Tensor.add_"}
+
+
+def _tensor_shape(node: Any) -> tuple[int, ...] | None:
+    meta = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
+    if meta is None or not hasattr(meta, "shape"):
+        return None
+    return tuple(int(s) for s in meta.shape)
+
+
+def _input_dependent(gm: fx.GraphModule) -> set[fx.Node]:
+    """Nodes whose value depends on a model input (graph order is topological, so one pass suffices)."""
+    dependent: set[fx.Node] = set()
+    for node in gm.graph.nodes:
+        if node.op == "placeholder" or any(a in dependent for a in node.all_input_nodes):
+            dependent.add(node)
+    return dependent
+
+
+def _residual_add_call(node: fx.Node, dependent: set[fx.Node]) -> str | None:
+    """The call's name if ``node`` is a residual sum, else None.
+
+    Both operands must depend on the input (``x + pos_embed`` and ``attn + relative_position_bias`` add a
+    parameter, not a residual) and have the output's shape (a broadcast add is a bias, not a residual).
+    """
+    if node.op == "call_function":
+        name = _ADD_FUNCTIONS.get(node.target)
+    elif node.op == "call_method" and isinstance(node.target, str):
+        name = _ADD_METHODS.get(node.target)
+    else:
+        return None
+    if name is None or len(node.args) < 2:
+        return None
+    operands = node.args[:2]
+    if not all(isinstance(a, fx.Node) and a in dependent for a in operands):
+        return None
+    shape = _tensor_shape(node)
+    meta = node.meta.get("tensor_meta")
+    if shape is None or not getattr(meta, "dtype", torch.float32).is_floating_point:
+        return None
+    if any(_tensor_shape(a) != shape for a in operands):
+        return None
+    return name
+
+
+def _site_channel_dim(
+    path: str,
+    shape: tuple[int, ...],
+    start_nodes: Sequence[Any],
+    gm: fx.GraphModule,
+    channel_dims: dict[str, int] | None,
+    preset: PlacementPreset,
+) -> int:
+    """Caller override, then preset override, then the nearest producer's layout, then the shape."""
+    dim = _override_channel_dim(path, channel_dims)
+    if dim is None:
+        dim = _override_channel_dim(path, dict(preset.channel_dims))
+    if dim is None and len(shape) <= 2:
+        dim = 1
+    for start in start_nodes:
+        if dim is not None:
+            break
+        dim = _producer_channel_dim(start, gm)
+    if dim is None:
+        dim = _infer_channel_dim_from_shape(shape)
+    return dim
+
+
+def _fx_preset_candidate_sites(
+    gm: fx.GraphModule,
+    example_input: torch.Tensor,
+    channel_dims: dict[str, int] | None,
+    preset: PlacementPreset,
+) -> list[tuple[Site, fx.Node]]:
+    """Every site of the preset's kinds, in graph (forward) order, numbered among themselves."""
+    with _probe_mode(gm), torch.no_grad():
+        ShapeProp(gm).propagate(example_input)
+    dependent = _input_dependent(gm) if preset.residual_adds else set()
+    found: list[tuple[Site, fx.Node]] = []
+    for node in gm.graph.nodes:
+        kind = path = call = None
+        start: list[Any] = []
+        shape: tuple[int, ...] | None = None
+        described = _node_call(node, gm) if preset.activations else None
+        if described is not None:
+            (path, call), kind = described, "activation"
+            shape, start = _tensor_shape(node.args[0]), [node.args[0]]
+        elif preset.residual_adds and (add := _residual_add_call(node, dependent)) is not None:
+            path, call, kind = _owner_path(node), f"residual {add}", "residual_add"
+            shape, start = _tensor_shape(node), list(node.args[:2])
+        elif (
+            node.op == "call_module"
+            and preset.after_modules
+            and any(fnmatch.fnmatchcase(str(node.target), p) for p in preset.after_modules)
+            and not isinstance(gm.get_submodule(node.target), MeanSparse)
+        ):
+            module = gm.get_submodule(node.target)
+            path, call, kind = str(node.target), f"after {type(module).__name__}", "after_module"
+            shape, start = _tensor_shape(node), [node]
+        if kind is None or shape is None:
+            continue
+        if any(fnmatch.fnmatchcase(path, p) for p in preset.exclude):
+            continue
+        dim = _site_channel_dim(path, shape, start, gm, channel_dims, preset)
+        found.append((Site(len(found), path, call, shape, dim, shape[dim], kind=kind), node))
     return found
 
 
@@ -440,10 +651,11 @@ def find_sites(
     strategy: Strategy = "auto",
     leaf_modules: Sequence[str] = (),
     channel_dims: dict[str, int] | None = None,
+    preset: str = "activations",
 ) -> list[Site]:
-    """Every activation call site of ``model`` in forward order, without changing the model."""
+    """Every site of the ``preset`` (default: every activation call) in forward order, without changing the model."""
     x = _prepare_input(model, example_input)
-    return [site for site, _ in _candidates(model, x, strategy, leaf_modules, channel_dims)[1]]
+    return [site for site, _ in _candidates(model, x, strategy, leaf_modules, channel_dims, preset)[1]]
 
 
 def _candidates(
@@ -452,22 +664,41 @@ def _candidates(
     strategy: Strategy,
     leaf_modules: Sequence[str],
     channel_dims: dict[str, int] | None,
+    preset_name: str = "activations",
 ) -> tuple[str, list[tuple[Site, Any]], fx.GraphModule | None]:
-    if strategy not in ("auto", "fx", "hooks"):
-        raise ConfigurationError(f"strategy must be 'auto', 'fx' or 'hooks', got {strategy!r}.")
+    if strategy not in ("auto", "fx", "hooks", "published"):
+        raise ConfigurationError(f"strategy must be 'auto', 'fx', 'hooks' or 'published', got {strategy!r}.")
+    if strategy == "published":
+        from meansparse_pl.published import published_candidate_sites
+
+        return "published", published_candidate_sites(model, x, channel_dims), None
+    preset = get_preset(preset_name)
+    only_activations = preset.name == "activations"
+    if strategy == "hooks" and not only_activations:
+        raise PlacementError(
+            f"preset {preset.name!r} places operators after residual sums / modules, which only the fx "
+            "strategy can reach; use strategy='auto' or 'fx'."
+        )
     trace_error = "not tried"
     if strategy in ("auto", "fx"):
         try:
-            gm = _trace(model, leaf_modules)
+            gm = _trace(model, [*leaf_modules, *preset.after_modules])
         except Exception as error:  # fx raises many types (TraceError, TypeError, AttributeError, ...)
             trace_error = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
-            if strategy == "fx":
+            if strategy == "fx" or not only_activations:
                 raise PlacementError(
                     f"torch.fx cannot trace this model ({trace_error}); list the untraceable submodule in "
-                    "leaf_modules=[...] or use strategy='hooks'."
+                    "leaf_modules=[...]"
+                    + (
+                        " or use strategy='hooks'."
+                        if only_activations
+                        else f" (preset {preset.name!r} needs fx)."
+                    )
                 ) from error
         else:
-            return "fx", _fx_candidate_sites(gm, x, channel_dims), gm
+            if only_activations:
+                return "fx", _fx_candidate_sites(gm, x, channel_dims), gm
+            return "fx", _fx_preset_candidate_sites(gm, x, channel_dims, preset), gm
     return "hooks", _hook_candidate_sites(model, x, channel_dims, trace_error), None
 
 
@@ -484,8 +715,9 @@ def sparsify(
     strategy: Strategy = "auto",
     leaf_modules: Sequence[str] = (),
     channel_dims: dict[str, int] | None = None,
+    preset: str = "activations",
 ) -> nn.Module:
-    """Insert a MeanSparse operator before every selected activation call site.
+    """Insert a MeanSparse operator at every selected site (by default: before every activation call).
 
     Args:
         model: any classifier; it is not copied: with the ``fx`` strategy the returned GraphModule shares its
@@ -497,17 +729,26 @@ def sparsify(
         sites: keep only these site indices (as listed by :func:`find_sites`), for the paper's single /
             cumulative / main-path / after-addition ablations.
         alpha, centre, backward_mode: operator settings, see :class:`MeanSparse`.
-        strategy: ``auto`` (fx, falling back to hooks), ``fx`` or ``hooks``.
+        strategy: ``auto`` (fx, falling back to hooks), ``fx``, ``hooks``, or ``published``: swap the
+            published-style MeanSparse modules the model already contains for operators that take over
+            their statistics and threshold (``alpha`` is then not used; see :mod:`meansparse_pl.published`).
         leaf_modules: fnmatch patterns of submodules fx should not trace into.
         channel_dims: fnmatch pattern -> channel axis, overriding the automatic layout detection.
+        preset: the site rule, a name in :data:`PRESETS`: ``activations`` (the paper's "before every
+            activation"), or ``published_wrn`` / ``published_convnext`` / ``published_swin`` for the sites
+            of the released models (after residual sums, after MLP projections; fx only). Site indices
+            (``sites``) count the preset's sites.
 
     The operators are uncalibrated: run :func:`meansparse_pl.calibrate` before using the model.
     """
     check_alpha(alpha)
     if operators(model):
         raise PlacementError("the model already has MeanSparse operators; sparsify a model only once.")
+    if strategy != "published":
+        get_preset(preset)  # an unknown name fails before any work
     x = _prepare_input(model, example_input)
-    used, candidates, gm = _candidates(model, x, strategy, leaf_modules, channel_dims)
+    source_keys = set(model.state_dict())
+    used, candidates, gm = _candidates(model, x, strategy, leaf_modules, channel_dims, preset)
     selected = _select([s for s, _ in candidates], include, exclude, sites)
     chosen = {s.index for s in selected}
     placement = Placement(
@@ -519,6 +760,7 @@ def sparsify(
         channel_dims=dict(channel_dims) if channel_dims else None,
         leaf_modules=list(leaf_modules) or None,
         centre=centre,
+        preset="published" if used == "published" else preset,
     )
 
     def make_operator(site: Site) -> tuple[MeanSparse, Site]:
@@ -528,23 +770,39 @@ def sparsify(
         op.site_name = _site_label(site)
         return op, Site(**{**asdict(site), "operator_name": name})
 
-    if used == "fx":
+    fx_constants: tuple[str, ...] = ()
+    if used == "published":
+        from meansparse_pl.published import install_published_operators
+
+        result: nn.Module = install_published_operators(model, candidates, chosen, centre, backward_mode)
+        placement.sites.extend(site for site, _ in candidates if site.index in chosen)
+    elif used == "fx":
         assert gm is not None
+        # Tensors fx copies into the GraphModule as buffers (non-persistent buffers, plain tensor attributes)
+        # appear in its state dict but not in the model's; exports to other formats leave them out.
+        fx_constants = tuple(sorted(set(gm.state_dict()) - source_keys))
         for site, node in candidates:
             if site.index not in chosen:
                 continue
             op, site = make_operator(site)
             gm.add_submodule(site.operator_name, op)
-            source = node.args[0]
-            if _is_inplace(node, gm):
-                _redirect_later_uses(source, node)
-            with gm.graph.inserting_before(node):
-                sparsified = gm.graph.call_module(site.operator_name, (source,))
-            node.update_arg(0, sparsified)
+            if site.kind == "activation":
+                source = node.args[0]
+                if _is_inplace(node, gm):
+                    _redirect_later_uses(source, node)
+                with gm.graph.inserting_before(node):
+                    sparsified = gm.graph.call_module(site.operator_name, (source,))
+                node.update_arg(0, sparsified)
+            else:  # residual_add / after_module: the operator takes the node's output, every user reads it
+                with gm.graph.inserting_after(node):
+                    sparsified = gm.graph.call_module(site.operator_name, (node,))
+                node.replace_all_uses_with(
+                    sparsified, delete_user_cb=lambda user, op=sparsified: user is not op
+                )
             placement.sites.append(site)
         gm.graph.lint()
         gm.recompile()
-        result: nn.Module = gm
+        result = gm
     else:
         per_module: dict[int, list[nn.Module]] = {}
         modules: dict[int, nn.Module] = {}
@@ -566,10 +824,34 @@ def sparsify(
         model.register_forward_pre_hook(_ResetDispatch(dispatches))
         result = model
     result.meansparse_placement = placement
+    result.meansparse_fx_constants = fx_constants
     if isinstance(result, fx.GraphModule):
         # GraphModule.__deepcopy__ rebuilds the module from its graph and keeps only the attributes listed here
-        result.meta.setdefault("_user_preserved_attributes", {})["meansparse_placement"] = placement
+        preserved = result.meta.setdefault("_user_preserved_attributes", {})
+        preserved["meansparse_placement"] = placement
+        preserved["meansparse_fx_constants"] = fx_constants
     return result
+
+
+def sparsify_like(model: nn.Module, placement: Placement) -> nn.Module:
+    """Rebuild the operators a placement record describes on a fresh instance of the same architecture.
+
+    This is what loading a checkpoint must do: every field of the record, the preset included, goes back
+    into :func:`sparsify`, so the same sites (and site indices) come back. Statistics and alpha are not in
+    the record: load them with ``load_state_dict`` afterwards.
+    """
+    return sparsify(
+        model,
+        placement.input_shape,
+        include=placement.include,
+        exclude=placement.exclude,
+        sites=placement.site_indices,
+        centre=placement.centre,  # type: ignore[arg-type]
+        strategy=placement.strategy,  # type: ignore[arg-type]
+        leaf_modules=placement.leaf_modules or (),
+        channel_dims=placement.channel_dims,
+        preset="activations" if placement.strategy == "published" else placement.preset,
+    )
 
 
 def placement_of(model: nn.Module) -> Placement:

@@ -98,6 +98,7 @@ class MeanSparseTrainer(pl.Trainer):
         centre: Centre = "channel_mean",
         strategy: Strategy = "auto",
         leaf_modules: list[str] | None = None,
+        preset: str = "activations",
     ) -> None:
         """Insert MeanSparse operators into a trained model and collect their statistics on the training split.
 
@@ -112,6 +113,8 @@ class MeanSparseTrainer(pl.Trainer):
             centre: Band centre: channel_mean (paper), zero or global_mean (paper A.7).
             strategy: Placement strategy: auto (torch.fx, else hooks), fx or hooks.
             leaf_modules: fnmatch patterns of submodules torch.fx should not trace into.
+            preset: Site rule: activations (paper), or the published models' published_wrn,
+                published_convnext, published_swin (also after residual sums / MLP outputs).
         """
         check_alpha(alpha)
         if network is not None:
@@ -133,6 +136,7 @@ class MeanSparseTrainer(pl.Trainer):
             centre=centre,
             strategy=strategy,
             leaf_modules=leaf_modules or (),
+            preset=preset,
         )
         calibration = CalibrationModule(sparse)
         self.predict(calibration, dataloaders=loader, return_predictions=False)

@@ -21,7 +21,10 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   "$VENV/bin/pip" install --quiet --disable-pip-version-check $TORCH_SPEC -e ".[dev]"
   # torchattacks is the independent second attack library the tests compare against; --no-deps so it
   # cannot pull another torch (its package __init__ needs scipy, which the tests avoid importing).
-  "$VENV/bin/pip" install --quiet --disable-pip-version-check --no-deps "torchattacks==3.5.1"
+  # robustbench / timm architectures (the [robustbench] extra) also with --no-deps: robustbench pins old
+  # packages and imports `autoattack`; meansparse_pl.robustbench imports it in a contained, shimmed way.
+  "$VENV/bin/pip" install --quiet --disable-pip-version-check --no-deps "torchattacks==3.5.1" \
+    "robustbench==1.1.1" "timm==1.0.9"
   printf '%s' "$want" >"$stamp"
 else
   echo "[setup] $VENV is up to date"

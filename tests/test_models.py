@@ -54,6 +54,7 @@ def test_list_models_has_every_architecture() -> None:
     assert list_models() == [
         "preact_resnet18",
         "resnet18",
+        "robustbench",
         "small_cnn",
         "wrn_28_10",
         "wrn_34_10",
