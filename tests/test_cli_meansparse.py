@@ -283,3 +283,14 @@ def test_postprocess_any_module_by_class_path_and_plain_weights(tmp_path):
     calibrate(reference, _datamodule().calibration_dataloader(), limit_batches=2, progress=False)
     for a, b in zip(operators(sparse), operators(reference), strict=True):
         torch.testing.assert_close(a.mean, b.mean, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize(
+    "config", sorted((ROOT / "configs" / "imagenet").glob("*.yaml")), ids=lambda p: p.name
+)
+def test_imagenet_statistics_configs_parse(config, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["postprocess", "--config", str(config), "--print_config"])
+    assert exit_info.value.code == 0
+    printed = capsys.readouterr().out
+    assert "strategy: ddp" in printed and "precision: bf16-mixed" in printed
