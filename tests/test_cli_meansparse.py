@@ -41,6 +41,12 @@ MODEL = [
 ]
 
 
+@pytest.fixture(autouse=True)
+def _run_in_tmp(tmp_path, monkeypatch):
+    """LightningCLI saves each run's config.yaml in the working directory: keep it out of the repository."""
+    monkeypatch.chdir(tmp_path)
+
+
 def _datamodule() -> FashionMNISTDataModule:
     dm = FashionMNISTDataModule(
         FMNIST,
