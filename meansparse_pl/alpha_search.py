@@ -5,24 +5,36 @@ accuracy, APGD-CE, APGD-DLR and APGD-CE through the straight-through backward (B
 worst case over all of them. The default rule picks the alpha with the highest worst-case accuracy whose
 clean accuracy is at most ``max_clean_drop`` points below alpha = 0: choosing by APGD-CE alone (the
 paper's rule) rewards gradient masking, which BPDA exposes.
+
+Two schedules: ``exhaustive`` (every alpha on every held-out sample) and ``successive_halving``: every alpha
+on a small subset, the worse half of the non-zero alphas dropped by the same rule, the subset doubled, and so
+on until the survivors are evaluated on the whole split. Alpha 0 stays in every round (it is the reference of
+the clean-accuracy drop and a valid answer). The subsets are nested prefixes of one seeded permutation of
+the split and every round evaluates only the samples that are new to it, with the attack seeds the full run
+over that permutation would use: where the round sizes are whole batches, the finalists' numbers are exactly
+those of an exhaustive run over the permuted split (a partial first batch gets other random starts).
 """
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import lightning.pytorch as pl
+import torch
 from torch import nn
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 
 from meansparse_pl.errors import ConfigurationError
 from meansparse_pl.evaluation import EvaluationTask, accuracy, run_tasks, worst_case
 from meansparse_pl.operator import _require_operators, check_alpha
 
 Criterion = Literal["worst_case", "apgd"]
+Schedule = Literal["exhaustive", "successive_halving"]
+SCHEDULES: tuple[str, ...] = ("exhaustive", "successive_halving")
 PAPER_ALPHAS: tuple[float, ...] = (0.0, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5)
 SEARCH_ATTACKS: tuple[str, ...] = ("apgd-ce", "apgd-dlr", "bpda-apgd-ce")
 GRADIENT_MASKING_GAP = 1.0  # points by which BPDA may beat exact-gradient APGD before we flag masking
@@ -55,6 +67,25 @@ class AlphaSearchResult:
     norm: str
     num_samples: int
     flags: list[str] = field(default_factory=list)
+    schedule: str = "exhaustive"
+    # alpha -> held-out samples it was evaluated on; empty means every alpha saw all num_samples
+    samples_per_alpha: dict[float, int] = field(default_factory=dict)
+    # successive halving: per round, the samples, the alphas evaluated and the alphas kept
+    rounds: list[dict[str, Any]] = field(default_factory=list)
+
+    def samples(self, alpha: float) -> int:
+        return self.samples_per_alpha.get(alpha, self.num_samples)
+
+    @property
+    def finalists(self) -> list[float]:
+        """The alphas measured on all ``num_samples`` samples: the only ones the rule chooses among."""
+        return [a for a in self.alphas if self.samples(a) == self.num_samples]
+
+    @property
+    def evaluated_fraction(self) -> float:
+        """Sample-alpha evaluations done, as a fraction of an exhaustive search's ``len(alphas) * num_samples``."""
+        done = sum(self.samples(a) for a in self.alphas)
+        return done / max(len(self.alphas) * self.num_samples, 1)
 
     @property
     def columns(self) -> list[str]:
@@ -75,24 +106,34 @@ class AlphaSearchResult:
     def suggestion(self) -> float:
         base_clean = self.accuracy[0.0]["clean"]
         eligible = [
-            a for a in self.alphas if self.accuracy[a]["clean"] >= base_clean - self.max_clean_drop - 1e-9
+            a for a in self.finalists if self.accuracy[a]["clean"] >= base_clean - self.max_clean_drop - 1e-9
         ]
         column = "worst_case" if self.criterion == "worst_case" else "apgd-ce"
         return max(eligible, key=lambda a: (self.accuracy[a][column], -a))
 
     def table(self) -> str:
         chosen = self.suggestion()
-        header = "| alpha | " + " | ".join(self.columns) + " |"
-        lines = [header, "|" + "---:|" * (len(self.columns) + 1)]
+        partial = self.schedule != "exhaustive"
+        extra = ["samples"] if partial else []
+        header = "| alpha | " + " | ".join(self.columns + extra) + " |"
+        lines = [header, "|" + "---:|" * (len(self.columns) + len(extra) + 1)]
         for a in self.alphas:
             mark = " **(chosen)**" if a == chosen else ""
             cells = " | ".join(f"{self.accuracy[a][c]:.2f}" for c in self.columns)
+            if partial:
+                cells += f" | {self.samples(a)}"
             lines.append(f"| {a:g}{mark} | {cells} |")
         notes = [
             "",
             f"{self.num_samples} held-out samples, {self.norm} eps = {self.eps:g}; accuracies in percent.",
             f"Rule: {self.rule()}. Chosen alpha: {chosen:g}.",
         ]
+        if partial:
+            notes.append(
+                f"Successive halving: alphas dropped early were measured on fewer samples (column 'samples'); "
+                f"the rule chose among the finalists {', '.join(f'{a:g}' for a in self.finalists)}; "
+                f"{100 * self.evaluated_fraction:.0f}% of the sample-alpha evaluations of an exhaustive search."
+            )
         notes += [f"WARNING: {flag}" for flag in self.flags]
         return "\n".join(lines + notes)
 
@@ -109,6 +150,10 @@ class AlphaSearchResult:
             "num_samples": self.num_samples,
             "suggestion": self.suggestion(),
             "flags": self.flags,
+            "schedule": self.schedule,
+            "samples_per_alpha": {f"{a:g}": self.samples(a) for a in self.alphas},
+            "evaluated_fraction": self.evaluated_fraction,
+            "rounds": self.rounds,
         }
 
     def plot(self, path: str | os.PathLike) -> str:
@@ -151,6 +196,14 @@ class AlphaSearch:
         max_clean_drop: clean-accuracy points an alpha may lose against alpha = 0 to be eligible.
         criterion: ``worst_case`` (default) or ``apgd`` (the paper's rule, for comparison).
         seed, batch_size: attack seed and batch size.
+        schedule: ``exhaustive`` (default: every alpha on every sample) or ``successive_halving`` (see the
+            module docstring and :meth:`round_sizes`).
+        halving_rounds: successive halving only: how many times the non-zero alphas are halved before the
+            final round on the whole split; default ``ceil(log2(number of non-zero alphas))``, which leaves
+            one non-zero finalist next to alpha 0.
+        min_samples: successive halving only: samples of the first round; default the split size divided by
+            ``2 ** halving_rounds`` (rounded down to whole batches when that is at least one batch). Round
+            ``r`` then uses ``min_samples * 2 ** r`` samples and the last round all of them.
     """
 
     def __init__(
@@ -164,6 +217,9 @@ class AlphaSearch:
         criterion: Criterion = "worst_case",
         seed: int = 0,
         batch_size: int = 128,
+        schedule: Schedule = "exhaustive",
+        halving_rounds: int | None = None,
+        min_samples: int | None = None,
     ) -> None:
         if criterion not in ("worst_case", "apgd"):
             raise ConfigurationError(f"criterion must be 'worst_case' or 'apgd', got {criterion!r}.")
@@ -175,6 +231,14 @@ class AlphaSearch:
             raise ConfigurationError(f"n_iter must be >= 1, got {n_iter}.")
         if "apgd-ce" not in attacks and criterion == "apgd":
             raise ConfigurationError("criterion 'apgd' needs 'apgd-ce' among the attacks.")
+        if schedule not in SCHEDULES:
+            raise ConfigurationError(f"schedule must be one of {SCHEDULES}, got {schedule!r}.")
+        if halving_rounds is not None and halving_rounds < 0:
+            raise ConfigurationError(f"halving_rounds must be >= 0 or None, got {halving_rounds}.")
+        if min_samples is not None and min_samples < 1:
+            raise ConfigurationError(f"min_samples must be >= 1 or None, got {min_samples}.")
+        if batch_size < 1:
+            raise ConfigurationError(f"batch_size must be >= 1, got {batch_size}.")
         self.alphas = check_alphas(alphas)
         self.eps = float(eps)
         self.norm = norm
@@ -184,10 +248,13 @@ class AlphaSearch:
         self.criterion = criterion
         self.seed = seed
         self.batch_size = batch_size
+        self.schedule = schedule
+        self.halving_rounds = halving_rounds
+        self.min_samples = min_samples
 
-    def tasks(self) -> list[EvaluationTask]:
+    def tasks(self, alphas: Sequence[float] | None = None) -> list[EvaluationTask]:
         tasks = []
-        for alpha in self.alphas:
+        for alpha in self.alphas if alphas is None else alphas:
             for attack in ["clean", *self.attacks]:
                 options = {} if attack == "clean" else {"n_iter": self.n_iter}
                 tasks.append(
@@ -195,6 +262,7 @@ class AlphaSearch:
                 )
         return tasks
 
+    # ------------------------------------------------------------------------------------- evaluation
     def run(
         self,
         model: nn.Module,
@@ -203,8 +271,10 @@ class AlphaSearch:
         trainer: pl.Trainer | None = None,
         state_path: str | os.PathLike | None = None,
     ) -> AlphaSearchResult:
-        """Evaluate every alpha on ``dataset`` (the held-out split, never the test set)."""
+        """Evaluate the alphas on ``dataset`` (the held-out split, never the test set)."""
         _require_operators(model)
+        if self.schedule == "successive_halving":
+            return self._run_successive_halving(model, dataset, trainer, state_path)
         results = run_tasks(
             model,
             dataset,
@@ -214,15 +284,30 @@ class AlphaSearch:
             state_path=state_path,
             trainer=trainer,
         )
+        per_sample = {
+            alpha: {attack: results[f"alpha={alpha:g}/{attack}"] for attack in ["clean", *self.attacks]}
+            for alpha in self.alphas
+        }
+        return self._result(per_sample, len(dataset))  # type: ignore[arg-type]
+
+    def _row(self, per_attack: dict[str, dict[int, bool]]) -> dict[str, float]:
+        row = {name: accuracy(values) for name, values in per_attack.items()}
+        ce_dlr = [per_attack[a] for a in ("apgd-ce", "apgd-dlr") if a in per_attack]
+        if len(ce_dlr) == 2:
+            row["apgd-ce+dlr"] = accuracy(worst_case(ce_dlr))
+        row["worst_case"] = accuracy(worst_case(per_attack.values()))
+        return row
+
+    def _result(
+        self,
+        per_sample: dict[float, dict[str, dict[int, bool]]],
+        num_samples: int,
+        rounds: list[dict[str, Any]] | None = None,
+    ) -> AlphaSearchResult:
         table: dict[float, dict[str, float]] = {}
         flags = []
         for alpha in self.alphas:
-            per_attack = {attack: results[f"alpha={alpha:g}/{attack}"] for attack in ["clean", *self.attacks]}
-            row = {name: accuracy(values) for name, values in per_attack.items()}
-            ce_dlr = [per_attack[a] for a in ("apgd-ce", "apgd-dlr") if a in per_attack]
-            if len(ce_dlr) == 2:
-                row["apgd-ce+dlr"] = accuracy(worst_case(ce_dlr))
-            row["worst_case"] = accuracy(worst_case(per_attack.values()))
+            row = self._row(per_sample[alpha])
             table[alpha] = row
             if (
                 "bpda-apgd-ce" in row
@@ -234,6 +319,7 @@ class AlphaSearch:
                     f"{GRADIENT_MASKING_GAP:g} point below APGD-CE {row['apgd-ce']:.2f}: the operator masks gradients "
                     "here, so APGD-CE alone overstates robustness."
                 )
+        samples = {a: len(per_sample[a]["clean"]) for a in self.alphas}
         return AlphaSearchResult(
             alphas=self.alphas,
             attacks=self.attacks,
@@ -242,6 +328,91 @@ class AlphaSearch:
             max_clean_drop=self.max_clean_drop,
             eps=self.eps,
             norm=self.norm,
-            num_samples=len(dataset),  # type: ignore[arg-type]
+            num_samples=num_samples,
             flags=flags,
+            schedule=self.schedule,
+            samples_per_alpha={} if self.schedule == "exhaustive" else samples,
+            rounds=rounds or [],
         )
+
+    # ------------------------------------------------------------------------------ successive halving
+    def round_sizes(self, num_samples: int) -> list[int]:
+        """Samples per round of successive halving: doubling from ``min_samples``, the last one the whole split."""
+        nonzero = len(self.alphas) - 1
+        rounds = self.halving_rounds
+        if rounds is None:
+            rounds = math.ceil(math.log2(nonzero)) if nonzero > 1 else 0
+        first = self.min_samples
+        if first is None:
+            first = max(1, num_samples >> rounds)
+            if first >= self.batch_size:  # whole batches: every round then reuses the full run's batches
+                first -= first % self.batch_size
+        sizes = [min(num_samples, first << r) for r in range(rounds)] + [num_samples]
+        return sorted(set(sizes))
+
+    def _rank_key(self, alpha: float, per_sample: dict[float, dict[str, dict[int, bool]]]) -> tuple:
+        """Order of the halving step: eligible first, then the criterion column, ties to the smaller alpha.
+
+        Eligibility is the rule's clean-drop test with a one-standard-error allowance for the subset: the
+        paired difference against alpha 0 on ``n`` samples with ``d`` discordant samples has a standard
+        error of about ``100 * sqrt(d) / n`` points, and a budget of 0.5 points means nothing on 64 samples.
+        The final choice, on the whole split, uses the rule exactly.
+        """
+        base = per_sample[0.0]["clean"]
+        mine = per_sample[alpha]["clean"]
+        n = len(mine)
+        discordant = sum(base[i] != mine[i] for i in mine)
+        slack = 100.0 * math.sqrt(discordant + 1) / max(n, 1)
+        drop = accuracy(base) - accuracy(mine)
+        eligible = drop <= self.max_clean_drop + slack + 1e-9
+        column = "worst_case" if self.criterion == "worst_case" else "apgd-ce"
+        return (eligible, self._row(per_sample[alpha])[column], -alpha)
+
+    def _run_successive_halving(
+        self,
+        model: nn.Module,
+        dataset: Dataset,
+        trainer: pl.Trainer | None,
+        state_path: str | os.PathLike | None,
+    ) -> AlphaSearchResult:
+        num_samples = len(dataset)  # type: ignore[arg-type]
+        if num_samples == 0:
+            raise ConfigurationError("the evaluation data set is empty.")
+        order = torch.randperm(num_samples, generator=torch.Generator().manual_seed(self.seed)).tolist()
+        columns = ["clean", *self.attacks]
+        # alpha -> attack -> {position in the permuted split -> correct}
+        per_sample: dict[float, dict[str, dict[int, bool]]] = {
+            a: {c: {} for c in columns} for a in self.alphas
+        }
+        survivors = list(self.alphas)
+        rounds: list[dict[str, Any]] = []
+        done = 0
+        pending = self.round_sizes(num_samples)
+        while pending:
+            size = pending.pop(0)
+            index = len(rounds)
+            # Only the samples new to this round; the seed offset gives each batch the attack seed that a run
+            # over the whole permuted split would give it (the seed is the batch's first index plus seed).
+            results = run_tasks(
+                model,
+                Subset(dataset, order[done:size]),
+                self.tasks(survivors),
+                batch_size=self.batch_size,
+                seed=self.seed + done,
+                state_path=None if state_path is None else f"{state_path}.round{index}",
+                trainer=trainer,
+            )
+            for alpha in survivors:
+                for column in columns:
+                    values = results[f"alpha={alpha:g}/{column}"]
+                    per_sample[alpha][column].update({done + i: c for i, c in values.items()})
+            done = size
+            evaluated = list(survivors)
+            nonzero = [a for a in survivors if a != 0.0]
+            if pending and len(nonzero) > 1:
+                ranked = sorted(nonzero, key=lambda a: self._rank_key(a, per_sample), reverse=True)
+                survivors = [0.0, *sorted(ranked[: math.ceil(len(nonzero) / 2)])]
+            if len(survivors) <= 2:  # one candidate left next to alpha 0: straight to the whole split
+                pending = pending[-1:]
+            rounds.append({"round": index, "samples": size, "evaluated": evaluated, "kept": list(survivors)})
+        return self._result(per_sample, num_samples, rounds)

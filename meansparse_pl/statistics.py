@@ -18,6 +18,8 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
+from meansparse_pl import operator as op_module  # the fused-kernel switch, size threshold and layout mapping
+
 
 @dataclass  # not frozen: torchmetrics post-processes compute() results field by field
 class Moments:
@@ -44,16 +46,61 @@ def merge_moments(a: Moments, b: Moments) -> Moments:
     return Moments(count, mean, m2)
 
 
+def _moments_kernel(x: Tensor, shift: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-channel mean and centred sum of squares (M2) of an ``(outer, C, inner)`` tensor, in float64.
+
+    One read of ``x``: each element is widened to float64 in registers (no float64 copy of the activation is
+    stored) and accumulated as ``d = x - shift`` and ``d * d``, where the per-channel ``shift`` (float64,
+    shape ``(1, C, 1)``) is the mean of the channel's first few hundred elements. With a shift that close to
+    the mean the shifted formula ``M2 = sum(d^2) - sum(d)^2 / n`` loses almost nothing to cancellation: its
+    relative error is about ``n_eff * eps64 * (1 + ((mean - shift) / sigma)^2)``, far below the float32
+    rounding of the features themselves.
+    """
+    d = x.to(torch.float64) - shift
+    count = x.shape[0] * x.shape[2]
+    s1 = d.sum(dim=(0, 2))
+    s2 = (d * d).sum(dim=(0, 2))
+    return shift.view(-1) + s1 / count, (s2 - s1 * s1 / count).clamp_min(0.0)
+
+
+SHIFT_SAMPLE = 256
+"""Elements per channel (at least) whose mean is the shift of the one-pass fused moments kernel."""
+
+
+def _fused_moments(x: Tensor, channel_dim: int) -> tuple[Tensor, Tensor] | None:
+    """The compiled CPU kernel for large float inputs; None where it does not apply or cannot compile."""
+    if not (op_module._fused_applicable(x) and not op_module._tracing()):
+        return None
+    mapped = op_module._canonical(x, channel_dim)
+    if mapped is None:
+        return None
+    x3 = mapped[0]
+    head = x3[: -(-SHIFT_SAMPLE // x3.shape[2])]  # ceil(SHIFT_SAMPLE / inner) leading rows
+    shift = head.mean(dim=(0, 2), keepdim=True, dtype=torch.float64)
+    ok, result = op_module._run_compiled(_moments_kernel, x3, shift)
+    return result if ok else None  # type: ignore[return-value]
+
+
 def batch_moments(x: Tensor, channel_dim: int) -> Moments:
-    """Moments of one batch, every axis but ``channel_dim`` reduced, computed in float64."""
+    """Moments of one batch, every axis but ``channel_dim`` reduced, computed in float64.
+
+    On CPU, large inputs go through one compiled kernel that reads ``x`` once, widening to float64 in
+    registers (see :func:`_moments_kernel`); elsewhere a float64 copy is reduced in eager mode by the two-pass
+    formula.
+    """
     channel_dim = channel_dim % x.dim()
-    reduce_dims = [d for d in range(x.dim()) if d != channel_dim]
-    values = x.detach().to(torch.float64)
+    x = x.detach()
     count = torch.tensor(float(x.numel() // x.shape[channel_dim]), dtype=torch.float64, device=x.device)
+    fused = _fused_moments(x, channel_dim)
+    if fused is not None:
+        mean, m2 = fused
+        return Moments(count, mean, m2)
+    reduce_dims = [d for d in range(x.dim()) if d != channel_dim]
+    values = x.to(torch.float64, copy=True)  # our own copy: centred in place below
     mean = values.mean(dim=reduce_dims)
     shape = [1] * x.dim()
     shape[channel_dim] = x.shape[channel_dim]
-    m2 = (values - mean.view(shape)).square_().sum(dim=reduce_dims)
+    m2 = values.sub_(mean.view(shape)).square_().sum(dim=reduce_dims)
     return Moments(count, mean, m2)
 
 

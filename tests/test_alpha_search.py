@@ -142,3 +142,139 @@ def test_interrupted_search_resumes_to_the_same_result(tmp_path):
     assert (tmp_path / "state.rank0").exists()
     resumed = search.run(sparse, data, state_path=tmp_path / "state")
     assert resumed.accuracy == reference.accuracy
+
+
+# ------------------------------------------------------------------------------------ successive halving
+def _uniform(sample: int, salt: int) -> float:
+    """A fixed pseudo-uniform number in [0, 1) per sample (no RNG: the truth table is the same everywhere)."""
+    return ((sample * 7919 + salt * 104729) % 1000) / 1000
+
+
+def _truth(alpha: float, attack: str, sample: int) -> bool:
+    """Hand-made per-sample correctness: robustness grows with alpha; beyond 0.4 the clean accuracy collapses,
+    so 0.4 is the right answer (alphas 0.5+ are more robust but not eligible)."""
+    clean = _uniform(sample, 1) < (0.9 if alpha <= 0.4 else 0.6)
+    if attack == "clean":
+        return clean
+    return clean and _uniform(sample, 2) < 0.3 + 0.5 * alpha
+
+
+class _FakeEvaluation:
+    """Stands in for evaluation.run_tasks: answers from _truth by the sample id stored in the image, and
+    records what it was asked to evaluate."""
+
+    def __init__(self) -> None:
+        self.calls: list[dict] = []
+
+    def __call__(self, model, dataset, tasks, *, batch_size, seed, state_path=None, trainer=None):
+        ids = [int(dataset[i][0][0]) for i in range(len(dataset))]
+        self.calls.append(
+            {"alphas": sorted({t.alpha for t in tasks}), "ids": ids, "seed": seed, "batch_size": batch_size}
+        )
+        out = {}
+        for task in tasks:
+            out[task.key] = {i: _truth(task.alpha, task.attack, sid) for i, sid in enumerate(ids)}
+        return out
+
+
+GRID = [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8]
+
+
+def _fake_setup(monkeypatch, n: int = 256):
+    import meansparse_pl.alpha_search as module
+
+    fake = _FakeEvaluation()
+    monkeypatch.setattr(module, "run_tasks", fake)
+    monkeypatch.setattr(module, "_require_operators", lambda model: None)
+    data = TensorDataset(torch.arange(n, dtype=torch.float32).view(-1, 1), torch.zeros(n, dtype=torch.long))
+    return fake, data
+
+
+def test_successive_halving_rounds_samples_and_cost(monkeypatch):
+    fake, data = _fake_setup(monkeypatch)
+    search = AlphaSearch(alphas=GRID, eps=0.03, batch_size=32, schedule="successive_halving")
+    assert search.round_sizes(256) == [32, 64, 128, 256]
+    result = search.run(nn.Identity(), data)
+    # every round evaluates alpha 0 and only the samples new to it, with the matching seed offset
+    assert [len(c["alphas"]) for c in fake.calls] == [9, 5, 3, 2]
+    assert all(0.0 in c["alphas"] for c in fake.calls)
+    assert [len(c["ids"]) for c in fake.calls] == [32, 32, 64, 128]
+    assert [c["seed"] for c in fake.calls] == [0, 32, 64, 128]
+    seen = [i for c in fake.calls for i in c["ids"]]
+    assert sorted(seen) == list(range(256))  # nested prefixes of one permutation: no sample twice
+    assert seen[:32] != list(range(32))  # ... of a shuffled order
+    assert [r["samples"] for r in result.rounds] == [32, 64, 128, 256]
+    assert result.rounds[-1]["evaluated"] == [0.0, 0.4]
+    assert result.finalists == [0.0, 0.4]
+    assert result.samples(0.0) == result.samples(0.4) == 256
+    assert result.samples(0.8) == 32
+    assert result.evaluated_fraction == pytest.approx((9 * 32 + 5 * 32 + 3 * 64 + 2 * 128) / (9 * 256))
+    # the same choice as the exhaustive search, with the finalists' numbers identical to it
+    exhaustive = AlphaSearch(alphas=GRID, eps=0.03, batch_size=32).run(nn.Identity(), data)
+    assert exhaustive.suggestion() == result.suggestion() == 0.4
+    assert exhaustive.evaluated_fraction == 1.0 and exhaustive.samples_per_alpha == {}
+    for alpha in result.finalists:
+        assert result.accuracy[alpha] == exhaustive.accuracy[alpha]
+    # the report says who saw how many samples
+    data_json = result.to_json()
+    assert data_json["schedule"] == "successive_halving"
+    assert data_json["samples_per_alpha"]["0.8"] == 32 and data_json["samples_per_alpha"]["0.4"] == 256
+    assert "| samples |" in result.table() and "finalists 0, 0.4" in result.table()
+
+
+def test_successive_halving_drops_ineligible_alphas_first(monkeypatch):
+    """0.5+ have the best robust accuracy but lose 30 clean points: ranked below every eligible alpha."""
+    _, data = _fake_setup(monkeypatch)
+    result = AlphaSearch(alphas=GRID, eps=0.03, batch_size=32, schedule="successive_halving").run(
+        nn.Identity(), data
+    )
+    assert result.rounds[0]["kept"] == [0.0, 0.1, 0.2, 0.3, 0.4]
+    assert result.rounds[1]["kept"] == [0.0, 0.3, 0.4]
+
+
+def test_successive_halving_options(monkeypatch):
+    fake, data = _fake_setup(monkeypatch, n=200)
+    search = AlphaSearch(
+        alphas=GRID, eps=0.03, batch_size=16, schedule="successive_halving", halving_rounds=1, min_samples=50
+    )
+    assert search.round_sizes(200) == [50, 200]
+    result = search.run(nn.Identity(), data)
+    assert [len(c["alphas"]) for c in fake.calls] == [9, 5]  # one halving: 4 non-zero finalists
+    assert result.finalists == [0.0, 0.1, 0.2, 0.3, 0.4] and result.suggestion() == 0.4
+    # a subset larger than the split, or no halving at all, is the exhaustive search in one round
+    assert AlphaSearch(alphas=GRID, schedule="successive_halving", min_samples=500).round_sizes(200) == [200]
+    assert AlphaSearch(alphas=[0, 0.3], schedule="successive_halving").round_sizes(200) == [200]
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"schedule": "bandit"}, "schedule"),
+        ({"halving_rounds": -1}, "halving_rounds"),
+        ({"min_samples": 0}, "min_samples"),
+        ({"batch_size": 0}, "batch_size"),
+    ],
+)
+def test_bad_halving_settings_are_refused(kwargs, message):
+    with pytest.raises(ConfigurationError, match=message):
+        AlphaSearch(**kwargs)
+
+
+def test_real_successive_halving_matches_an_exhaustive_run_over_the_same_order():
+    """Rounds evaluate only new samples with offset seeds: the finalists' numbers are exactly those of an
+    exhaustive search over the permuted split, attacks included."""
+    from torch.utils.data import Subset
+
+    sparse, data = _tiny_sparse_model()
+    common = {"alphas": [0, 0.3, 1.0], "eps": 0.03, "n_iter": 3, "batch_size": 16, "seed": 5}
+    halving = AlphaSearch(schedule="successive_halving", **common)
+    assert halving.round_sizes(len(data)) == [16, 48]
+    result = halving.run(sparse, data)
+    assert len(result.finalists) == 2 and result.finalists[0] == 0.0
+    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(5)).tolist()
+    exhaustive = AlphaSearch(**common).run(sparse, Subset(data, order))
+    for alpha in result.finalists:
+        assert result.accuracy[alpha] == exhaustive.accuracy[alpha]
+    dropped = next(a for a in result.alphas if a not in result.finalists)
+    assert result.samples(dropped) == 16
+    assert halving.run(sparse, data).accuracy == result.accuracy  # deterministic
