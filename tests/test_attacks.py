@@ -636,3 +636,27 @@ def test_adaptive_with_bpda_option_runs_and_restores(sparse_classifier):
     assert all(op.backward_mode == "exact" for op in operators(model))
     with backward_mode(model, "straight_through"):
         assert all(op.backward_mode == "straight_through" for op in operators(model))
+
+
+def test_autoattack_agrees_with_torchattacks(classifier):
+    """Our AutoAttack (pyautoattack, standard version) vs torchattacks' independent AutoAttack, same inputs."""
+    alias = "_torchattacks_noinit"
+    _torchattacks("attacks.apgd")  # registers the private alias packages
+    if f"{alias}.wrappers" not in sys.modules:
+        wrappers = types.ModuleType(f"{alias}.wrappers")
+        wrappers.__path__ = [str(Path(sys.modules[alias].__path__[0]) / "wrappers")]
+        sys.modules[f"{alias}.wrappers"] = wrappers
+    model, x, y = classifier
+    ours = run_attack("autoattack", model, x, y, eps=EPS, seed=0)
+    theirs_attack = _torchattacks("attacks.autoattack").AutoAttack(
+        model, norm="Linf", eps=EPS, version="standard", n_classes=N_CLASSES, seed=0
+    )
+    x_adv = theirs_attack(x, y).detach()
+    with torch.no_grad():
+        theirs = model(x_adv).argmax(1) == y
+    assert float((x_adv - x).abs().max()) <= EPS + 1e-6
+    assert 0.1 < float(ours.float().mean()) < 0.9
+    # both are ensembles of strong attacks: equal up to restart noise, and ours at least as strong as APGD-CE
+    assert abs(float(ours.float().mean()) - float(theirs.float().mean())) <= 0.1
+    assert float((ours == theirs).float().mean()) >= 0.85
+    assert bool((ours <= run_attack("apgd-ce", model, x, y, eps=EPS, seed=0)).all())
