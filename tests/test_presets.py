@@ -46,7 +46,7 @@ from meansparse_pl.published import load_published_state_dict, published_state_d
 def timm_models():
     """timm's ConvNeXt and SwinTransformer classes (the architectures of the released ImageNet models)."""
     if importlib.util.find_spec("timm") is None:
-        pytest.skip("timm is not installed (the robustbench extra)")
+        pytest.fail("timm is not installed: run scripts/setup.sh (the robustbench extra)")
     from timm.models.convnext import ConvNeXt
     from timm.models.swin_transformer import SwinTransformer
 
@@ -66,7 +66,9 @@ def _one_thread(single_thread):
 def rb():
     """robustbench's model zoo, imported through the adapter's contained environment."""
     if importlib.util.find_spec("robustbench") is None:  # not importorskip: a plain import needs the shims
-        pytest.skip("robustbench is not installed (pip install robustbench==1.1.1 --no-deps)")
+        pytest.fail(
+            "robustbench is not installed: run scripts/setup.sh (pip install robustbench==1.1.1 --no-deps)"
+        )
     from meansparse_pl import robustbench
 
     robustbench.import_model_zoo()

@@ -26,7 +26,10 @@ from meansparse_pl.placement import placement_of
 from meansparse_pl.published import convert_published
 
 if importlib.util.find_spec("robustbench") is None or importlib.util.find_spec("timm") is None:
-    pytest.skip("robustbench / timm not installed (the robustbench extra)", allow_module_level=True)
+    pytest.fail(
+        "robustbench / timm not installed: run scripts/setup.sh (it installs the robustbench extra)",
+        pytrace=False,
+    )
 
 # meansparse_pl.robustbench, imported by the `zoo` fixture rather than at collection: importing it registers the
 # architecture name "robustbench", which must not leak into other modules' registry listings collected earlier
