@@ -278,3 +278,28 @@ def test_real_successive_halving_matches_an_exhaustive_run_over_the_same_order()
     dropped = next(a for a in result.alphas if a not in result.finalists)
     assert result.samples(dropped) == 16
     assert halving.run(sparse, data).accuracy == result.accuracy  # deterministic
+
+
+def test_halving_rank_key_uses_slack_and_attack_evidence():
+    """Hand-made per-sample results on 8 samples (True = still correct)."""
+
+    def results(clean, ce, dlr):
+        as_dict = lambda bits: {i: bool(b) for i, b in enumerate(bits)}  # noqa: E731
+        return {"clean": as_dict(clean), "apgd-ce": as_dict(ce), "apgd-dlr": as_dict(dlr)}
+
+    ones = [1] * 8
+    per_sample = {
+        0.0: results(ones, [1, 1, 1, 0, 0, 0, 0, 0], [1, 1, 1, 0, 0, 0, 0, 0]),
+        # same worst case (3/8) as each other; 0.2 has more robust samples per attack
+        0.1: results(ones, [1, 1, 1, 0, 0, 0, 0, 0], [1, 1, 1, 1, 0, 0, 0, 0]),
+        0.2: results(ones, [1, 1, 1, 1, 1, 0, 0, 0], [1, 1, 1, 0, 0, 1, 1, 0]),
+        # one clean sample lost: 12.5 points on 8 samples, within one standard error -> still eligible
+        0.3: results([0, 1, 1, 1, 1, 1, 1, 1], [0, 1, 1, 1, 1, 1, 1, 0], [0, 1, 1, 1, 1, 1, 1, 0]),
+        # three lost: clearly over the budget, ranked last despite the best robust accuracy
+        0.4: results([0, 0, 0, 1, 1, 1, 1, 1], [0, 0, 0, 1, 1, 1, 1, 1], [0, 0, 0, 1, 1, 1, 1, 1]),
+    }
+    search = AlphaSearch(
+        alphas=[0, 0.1, 0.2, 0.3, 0.4], attacks=["apgd-ce", "apgd-dlr"], schedule="successive_halving"
+    )
+    ranked = sorted([0.1, 0.2, 0.3, 0.4], key=lambda a: search._rank_key(a, per_sample), reverse=True)
+    assert ranked == [0.3, 0.2, 0.1, 0.4]
