@@ -200,8 +200,12 @@ def _robustbench_import_environment() -> Iterator[list[str]]:
 
 def import_model_zoo() -> types.ModuleType:
     """``robustbench.model_zoo`` (imported once, inside the contained environment), or a clear error."""
-    if "robustbench.model_zoo" in sys.modules:
-        return sys.modules["robustbench.model_zoo"]
+    zoo = sys.modules.get("robustbench.model_zoo") or _import_model_zoo_contained()
+    _require_release_model_zoo(zoo)
+    return zoo
+
+
+def _import_model_zoo_contained() -> types.ModuleType:
     if not _importable("robustbench"):
         raise ConfigurationError(
             "RobustBench models need the robustbench package: pip install 'robustbench==1.1.1' (with timm); "
@@ -212,7 +216,7 @@ def import_model_zoo() -> types.ModuleType:
     before = set(sys.modules)
     with _robustbench_import_environment():
         try:
-            zoo = importlib.import_module("robustbench.model_zoo")
+            return importlib.import_module("robustbench.model_zoo")
         except Exception as error:
             # leave no half-imported robustbench behind: the next attempt starts clean
             for name in set(sys.modules) - before:
@@ -222,7 +226,21 @@ def import_model_zoo() -> types.ModuleType:
                 f"importing robustbench failed ({type(error).__name__}: {error}); robustbench 1.1.1 is the "
                 "supported version."
             ) from error
-    return zoo
+
+
+# a model only robustbench 1.1.1's zoo has: older copies of the package (torchattacks 3.5.1 bundles one) lack it
+_RELEASE_SENTINEL = ("cifar10", "Linf", "Amini2024MeanSparse_S-WRN-94-16")
+
+
+def _require_release_model_zoo(zoo: types.ModuleType) -> None:
+    """Refuse an older robustbench model zoo under the 1.1.1 name (a silent "no such model" otherwise)."""
+    enums = importlib.import_module("robustbench.model_zoo.enums")
+    dataset, threat_model, name = _RELEASE_SENTINEL
+    if name not in zoo.model_dicts[enums.BenchmarkDataset(dataset)][enums.ThreatModel(threat_model)]:
+        raise ConfigurationError(
+            "the installed robustbench files are an older copy (torchattacks 3.5.1 ships one that overwrites "
+            "robustbench 1.1.1's); reinstall: pip install --no-deps --force-reinstall 'robustbench==1.1.1'"
+        )
 
 
 def model_entry(name: str, dataset: str = "cifar10", threat_model: str = "Linf") -> dict[str, Any]:
@@ -289,7 +307,7 @@ def build_architecture(name: str, dataset: str = "cifar10", threat_model: str = 
     return make_traceable(entry["model"]()).eval()
 
 
-@register_model("robustbench")
+@register_model("robustbench", normalizes_input=True)
 def _robustbench_factory(
     *,
     num_classes: int = 10,
@@ -300,7 +318,8 @@ def _robustbench_factory(
     threat_model: str = "Linf",
 ) -> nn.Module:
     """Registry entry: the architecture of a RobustBench model (the zoo entry fixes classes, activation and
-    input normalisation, so ``num_classes`` / ``in_channels`` / ``activation`` are not used)."""
+    input normalisation, so ``num_classes`` / ``in_channels`` / ``activation`` are not used, and
+    ``create_model`` adds no normalisation of its own)."""
     return build_architecture(model_name, dataset, threat_model)
 
 

@@ -14,16 +14,19 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$PYTHON" -m venv "$VENV"
 fi
 stamp="$VENV/.meansparse_pl-installed"
-want="$(cat pyproject.toml; echo "$TORCH_SPEC")"
+want="$(cat pyproject.toml scripts/setup.sh; echo "$TORCH_SPEC")"  # a changed install recipe reinstalls
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   echo "[setup] installing meansparse_pl and its dependencies (one pip command)"
   # shellcheck disable=SC2086
   "$VENV/bin/pip" install --quiet --disable-pip-version-check $TORCH_SPEC -e ".[dev]"
   # torchattacks is the independent second attack library the tests compare against; --no-deps so it
   # cannot pull another torch (its package __init__ needs scipy, which the tests avoid importing).
-  # robustbench / timm architectures (the [robustbench] extra) also with --no-deps: robustbench pins old
-  # packages and imports `autoattack`; meansparse_pl.robustbench imports it in a contained, shimmed way.
-  "$VENV/bin/pip" install --quiet --disable-pip-version-check --no-deps "torchattacks==3.5.1" \
+  "$VENV/bin/pip" install --quiet --disable-pip-version-check --no-deps "torchattacks==3.5.1"
+  # robustbench / timm architectures (the [robustbench] extra), also --no-deps: robustbench pins old packages
+  # and imports `autoattack`; meansparse_pl.robustbench imports it in a contained, shimmed way. AFTER
+  # torchattacks and with --force-reinstall: the torchattacks 3.5.1 wheel ships an old copy of the
+  # `robustbench` package whose files would otherwise replace robustbench 1.1.1's model zoo.
+  "$VENV/bin/pip" install --quiet --disable-pip-version-check --no-deps --force-reinstall \
     "robustbench==1.1.1" "timm==1.0.9"
   printf '%s' "$want" >"$stamp"
 else

@@ -139,6 +139,16 @@ def test_import_environment_is_restored_after_an_error(zoo):
     assert not set(added) & set(sys.modules)
 
 
+def test_an_older_model_zoo_under_the_release_name_is_refused(zoo, monkeypatch):
+    """torchattacks 3.5.1's wheel bundles an old robustbench copy; installed after robustbench it silently
+    replaces the 1.1.1 model zoo (the CI failure this guards against). The adapter names the fix."""
+    enums = sys.modules["robustbench.model_zoo.enums"]
+    cifar10_linf = zoo.model_dicts[enums.BenchmarkDataset("cifar10")][enums.ThreatModel("Linf")]
+    monkeypatch.delitem(cifar10_linf, "Amini2024MeanSparse_S-WRN-94-16")
+    with pytest.raises(ConfigurationError, match="older copy.*--force-reinstall 'robustbench==1.1.1'"):
+        rb.model_entry("Wang2023Better_WRN-70-16")
+
+
 def test_model_zoo_import_leaves_no_shims_behind(zoo):
     import pyautoattack
 
@@ -279,6 +289,20 @@ def test_registry_builds_robustbench_architectures(zoo, monkeypatch):
     tiny(monkeypatch, name, "cifar100", "Linf", tiny_dm_wrn)
     model = create_model("robustbench", model_name=name, dataset="cifar100", threat_model="Linf")
     assert type(model).__name__ == "DMWideResNet" and not model.training
+    # RobustBench models normalise their own input: a normalization linked from the datamodule (the CLI
+    # does so) must not be applied a second time
+    linked = create_model(
+        "robustbench",
+        model_name=name,
+        dataset="cifar100",
+        threat_model="Linf",
+        normalization=((0.5, 0.5, 0.5), (0.2, 0.2, 0.2)),
+    )
+    assert type(linked).__name__ == "DMWideResNet"
+    linked.load_state_dict(model.state_dict())
+    x = images()
+    with torch.no_grad():
+        assert torch.equal(linked(x), model(x))
 
 
 # ------------------------------------------------------------------------------------ import script

@@ -21,14 +21,19 @@ ModelFactory = Callable[..., nn.Module]
 F = TypeVar("F", bound=ModelFactory)
 
 _MODELS: dict[str, ModelFactory] = {}
+# factories whose models normalise their own [0, 1] input (RobustBench models carry the mean / std they were
+# trained with): create_model never wraps them in a second normalisation
+_NORMALIZES_INPUT: set[str] = set()
 
 
-def register_model(name: str) -> Callable[[F], F]:
+def register_model(name: str, *, normalizes_input: bool = False) -> Callable[[F], F]:
     """Decorator registering a model factory under ``name``.
 
     The factory is called as ``factory(num_classes=..., in_channels=..., activation=..., **kwargs)`` and
     must return an ``nn.Module`` mapping normalised images to logits; :func:`create_model` adds the input
-    normalisation around it.
+    normalisation around it. With ``normalizes_input=True`` the model already takes [0, 1] images and
+    normalises them itself; a ``normalization`` given to :func:`create_model` (e.g. linked by the CLI from
+    the datamodule) is then not applied a second time.
     """
     if not isinstance(name, str) or not name:
         raise ConfigurationError(f"model name must be a non-empty string, got {name!r}")
@@ -41,6 +46,8 @@ def register_model(name: str) -> Callable[[F], F]:
         if name in _MODELS:
             raise ConfigurationError(f"model {name!r} is already registered")
         _MODELS[name] = factory
+        if normalizes_input:
+            _NORMALIZES_INPUT.add(name)
         return factory
 
     return decorator
@@ -71,8 +78,8 @@ def create_model(
             own module instance.
         normalization: ``(mean, std)`` per channel. When given, the result is a
             :class:`~meansparse_pl.models.layers.NormalizedClassifier` whose first module normalises the
-            input, so the model still takes [0, 1] images (what attacks perturb). When ``None`` the bare
-            backbone is returned.
+            input, so the model still takes [0, 1] images (what attacks perturb). When ``None``, or for a
+            model registered with ``normalizes_input=True`` (``robustbench``), the bare backbone is returned.
         **kwargs: architecture-specific options (e.g. ``depth``/``widen_factor`` for WideResNets).
     """
     if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
@@ -100,7 +107,7 @@ def create_model(
         _check_kwargs(name, factory, kwargs)
         backbone = factory(num_classes=num_classes, in_channels=in_channels, activation=activation, **kwargs)
 
-    if normalization is None:
+    if normalization is None or name in _NORMALIZES_INPUT:
         return backbone
     try:
         mean, std = normalization
