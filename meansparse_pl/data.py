@@ -25,7 +25,7 @@ import warnings
 import zlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import numpy as np
@@ -677,6 +677,9 @@ class CIFAR100DataModule(_CIFARDataModule):
 # ---- ImageNet ------------------------------------------------------------------------------------------
 
 
+_INTERPOLATIONS = {"bilinear": v2.InterpolationMode.BILINEAR, "bicubic": v2.InterpolationMode.BICUBIC}
+
+
 class ImageNetDataModule(_ImageClassificationDataModule):
     """ImageNet-1k from an ImageFolder tree: ``data_dir/train/<wnid>/*.JPEG`` and ``data_dir/val/<wnid>/*``.
 
@@ -702,6 +705,7 @@ class ImageNetDataModule(_ImageClassificationDataModule):
         augment: bool = True,
         image_size: int = 224,
         resize_size: int = 256,
+        interpolation: Literal["bilinear", "bicubic"] = "bilinear",
         num_classes: int = 1000,
     ) -> None:
         """ImageNet data module.
@@ -712,6 +716,9 @@ class ImageNetDataModule(_ImageClassificationDataModule):
                 training images get the eval transform.
             image_size: Side of the square crop the model sees (eval: centre crop).
             resize_size: Eval images are resized (shorter side) to this before the centre crop.
+            interpolation: Resampling of that resize. RobustBench evaluates Liu2023 ConvNeXt / Swin (and
+                their MeanSparse versions) with ``bicubic`` (its ``BicubicRes256Crop224``), most other
+                ImageNet models with ``bilinear`` (``Res256Crop224``); use the one the model was scored with.
             num_classes: Number of class folders expected in ``train/`` and ``val/`` (checked at setup).
         """
         super().__init__(**_common_args(locals()), download=False)
@@ -723,6 +730,11 @@ class ImageNetDataModule(_ImageClassificationDataModule):
             _check_optional_positive(name, value)
         if resize_size < image_size:
             raise ConfigurationError(f"resize_size ({resize_size}) must be >= image_size ({image_size})")
+        if interpolation not in _INTERPOLATIONS:
+            raise ConfigurationError(
+                f"interpolation must be one of {', '.join(_INTERPOLATIONS)}, got {interpolation!r}"
+            )
+        self.interpolation = interpolation
         self.image_size = image_size
         self.resize_size = resize_size
         self._num_classes = num_classes
@@ -771,7 +783,13 @@ class ImageNetDataModule(_ImageClassificationDataModule):
             )
         to_tensor = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True)]
         eval_transform = v2.Compose(
-            [v2.Resize(self.resize_size, antialias=True), v2.CenterCrop(self.image_size), *to_tensor]
+            [
+                v2.Resize(
+                    self.resize_size, interpolation=_INTERPOLATIONS[self.interpolation], antialias=True
+                ),
+                v2.CenterCrop(self.image_size),
+                *to_tensor,
+            ]
         )
         train_transform = eval_transform
         if self.augment:

@@ -389,6 +389,14 @@ def _only_benign_missing(model: nn.Module, state: dict[str, torch.Tensor]) -> bo
     return not unexpected and shapes_fit and all(k.split(".", 1)[-1] in _BENIGN_MISSING for k in missing)
 
 
+def load_robustbench_weights(
+    model: nn.Module, path: str | os.PathLike, name: str, dataset: str = "cifar10"
+) -> nn.Module:
+    """Load a RobustBench checkpoint file into ``model`` (RobustBench's conventions, weights_only)."""
+    load_weights(model, robustbench_state_dict(safe_load(path), name, dataset, model), path)
+    return model
+
+
 def load_model(
     name: str,
     model_dir: str | os.PathLike = "models",

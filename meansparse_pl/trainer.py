@@ -122,7 +122,7 @@ class MeanSparseTrainer(pl.Trainer):
         if getattr(model, "model", None) is None:
             raise ConfigurationError("no network to post-process: configure model.backbone or --network.")
         if checkpoint:
-            load_weights(model.model, checkpoint, hint="check model.backbone / backbone_kwargs or --network.")
+            _load_trained_weights(model, checkpoint, from_network=network is not None)
         datamodule.setup("fit")
         loader = datamodule.calibration_dataloader()
         example = _inputs_of(next(iter(loader)))[:1]
@@ -360,3 +360,22 @@ def _histogram(model: nn.Module, dataset: Dataset, site: int, alpha: float, path
         path,
         f"{op.site_name}, channel {channel}, alpha={alpha:g}",
     )
+
+
+def _load_trained_weights(model: pl.LightningModule, checkpoint: str, *, from_network: bool) -> None:
+    """Weights for ``postprocess``: a RobustBench file (its own key conventions) for a ``robustbench``
+    backbone, else a Lightning checkpoint or a plain state dict of the network."""
+    hparams = getattr(model, "hparams", {})
+    if not from_network and hparams.get("backbone") == "robustbench":
+        from meansparse_pl.robustbench import load_robustbench_weights
+
+        options = hparams.get("backbone_kwargs") or {}
+        if "model_name" not in options:
+            raise ConfigurationError(
+                "backbone robustbench needs backbone_kwargs.model_name (a RobustBench name)."
+            )
+        load_robustbench_weights(
+            model.model, checkpoint, options["model_name"], options.get("dataset", "cifar10")
+        )
+        return
+    load_weights(model.model, checkpoint, hint="check model.backbone / backbone_kwargs or --network.")

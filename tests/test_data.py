@@ -511,6 +511,19 @@ def test_imagenet_eval_transform_is_resize_then_centre_crop(imagenet_dir: Path) 
     reference = Image.open(path).convert("RGB").resize((24, 20), Image.BILINEAR).crop((4, 2, 20, 18))
     expected = torch.from_numpy(np.array(reference)).permute(2, 0, 1).float() / 255.0
     torch.testing.assert_close(pool[0][0], expected, atol=1.5 / 255, rtol=0)
+    # RobustBench's BicubicRes256Crop224 for Liu2023 ConvNeXt / Swin: the same with bicubic resampling
+    bicubic = ImageNetDataModule(
+        data_dir=str(imagenet_dir), val_size=4, image_size=16, resize_size=20, num_classes=3,
+        interpolation="bicubic",
+    )  # fmt: skip
+    bicubic.setup()
+    reference = Image.open(path).convert("RGB").resize((24, 20), Image.BICUBIC).crop((4, 2, 20, 18))
+    expected_bicubic = torch.from_numpy(np.array(reference)).permute(2, 0, 1).float() / 255.0
+    got = bicubic.calibration_dataset.dataset[0][0]
+    torch.testing.assert_close(got, expected_bicubic, atol=1.5 / 255, rtol=0)
+    assert not torch.allclose(expected_bicubic, expected, atol=1.5 / 255)  # the two modes differ here
+    with pytest.raises(ConfigurationError, match="interpolation must be one of bilinear, bicubic"):
+        ImageNetDataModule(data_dir=str(imagenet_dir), interpolation="nearest")
 
 
 def test_imagenet_errors(imagenet_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> None:

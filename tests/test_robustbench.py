@@ -220,6 +220,66 @@ def test_cifar_model_loads_offline_sparsifies_and_calibrates(zoo, monkeypatch, t
     assert all(op.is_calibrated for op in operators(sparse))
 
 
+def test_postprocess_cli_on_a_robustbench_file(zoo, monkeypatch, tmp_path):
+    """`cli.py postprocess` with backbone robustbench reads a RobustBench file (state_dict + module. prefix)
+    and never normalises the input a second time: at alpha 0 the output is the source model's, bit for bit,
+    and the statistics equal a direct calibration on the same CIFAR-10 images."""
+    from test_data import cifar_images, write_cifar_batch
+
+    from meansparse_pl.cli import main
+    from meansparse_pl.data import CIFAR10DataModule
+
+    name = "Wang2023Better_WRN-70-16"
+    tiny(monkeypatch, name, "cifar10", "Linf", tiny_dm_wrn)
+    torch.manual_seed(0)
+    source = randomize(tiny_dm_wrn())
+    weights = write(
+        tmp_path / "models",
+        name,
+        "cifar10",
+        "Linf",
+        {"state_dict": {f"module.{k}": v for k, v in source.state_dict().items()}},
+    )
+    data = tmp_path / "cifar" / "cifar-10-batches-py"
+    data.mkdir(parents=True)
+    for batch in range(5):
+        write_cifar_batch(
+            data / f"data_batch_{batch + 1}", cifar_images(8, 8 * batch), {"labels": [0, 1] * 4}
+        )
+    write_cifar_batch(data / "test_batch", cifar_images(4, 100), {"labels": [0, 1, 2, 3]})
+    output = tmp_path / "meansparse.pt"
+    monkeypatch.chdir(tmp_path)
+    main(
+        [
+            "postprocess",
+            "--data=meansparse_pl.data.CIFAR10DataModule",
+            f"--data.data_dir={tmp_path / 'cifar'}",
+            "--data.val_size=8",
+            "--data.eval_batch_size=16",
+            "--model.backbone=robustbench",
+            f"--model.backbone_kwargs={{model_name: {name}, dataset: cifar10, threat_model: Linf}}",
+            "--preset=published_wrn",
+            f"--checkpoint={weights}",
+            f"--output={output}",
+            "--trainer.logger=false",
+            "--trainer.enable_progress_bar=false",
+        ]
+    )
+    sparse = load_checkpoint(output).eval()  # rebuilt from the recorded architecture ("robustbench")
+    assert len(operators(sparse)) == 3 * 3 + 1
+    x = images()
+    with torch.no_grad():
+        assert torch.equal(sparse(x), source(x))
+    datamodule = CIFAR10DataModule(data_dir=str(tmp_path / "cifar"), val_size=8, eval_batch_size=16)
+    datamodule.setup("fit")
+    reference = sparsify(source, x, preset="published_wrn")
+    calibrate(reference, datamodule.calibration_dataloader(), progress=False)
+    for mine, theirs in zip(operators(sparse), operators(reference), strict=True):
+        assert int(mine.count) == int(theirs.count) > 0
+        torch.testing.assert_close(mine.mean, theirs.mean, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(mine.var, theirs.var, rtol=1e-5, atol=1e-7)
+
+
 def test_ra_wrn_loads_offline_and_is_traceable(zoo, monkeypatch, tmp_path):
     name = "Peng2023Robust"
     tiny(monkeypatch, name, "cifar10", "Linf", tiny_ra_wrn)
@@ -392,3 +452,7 @@ def test_paper_configs_are_consistent(zoo):
                 "imagenet": "ImageNetDataModule",
             }["cifar100" if stem.startswith("cifar100") else dataset]
         )
+        if dataset == "imagenet":  # the resize RobustBench scores the model with (its `preprocessing` entry)
+            preprocessing = rb.model_entry(name, dataset, threat).get("preprocessing", "Res256Crop224")
+            interpolation = config["data"]["init_args"].get("interpolation", "bilinear")
+            assert (interpolation == "bicubic") == preprocessing.startswith("Bicubic"), (stem, preprocessing)
