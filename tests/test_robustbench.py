@@ -435,10 +435,20 @@ def test_paper_configs_are_consistent(zoo):
         text = file.read_text()
         config = yaml.safe_load(text)
         assert set(config) - {"seed_everything", "trainer", "model", "data"} <= options, stem
-        name, dataset, threat = re.search(
+        imported = re.search(
             r"import_published\.py (\S+) --model-dir models --dataset (\S+) \\\n#\s+--threat-model (\S+)",
             text,
-        ).groups()
+        )
+        if imported:  # a published MeanSparse model, imported
+            name, dataset, threat = imported.groups()
+        else:  # re-made from the base model: step 1 is a postprocess config writing this row's checkpoint
+            step1 = re.search(r"cli\.py postprocess --config (\S+)", text).group(1)
+            statistics = yaml.safe_load((ROOT / step1).read_text())
+            assert statistics["output"] == config["checkpoint"], stem
+            assert statistics["model"]["backbone"] == "robustbench", stem
+            options_ = statistics["model"]["backbone_kwargs"]
+            name, dataset, threat = options_["model_name"], options_["dataset"], options_["threat_model"]
+            assert statistics["checkpoint"] == f"models/{dataset}/{threat}/{name}.pt", stem
         rb.model_entry(name, dataset, threat)
         assert config["alpha"] == PAPER_ALPHAS[stem], stem
         assert config["checkpoint"] == f"runs/paper/{stem}/meansparse.pt"
