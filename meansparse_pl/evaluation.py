@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from torchmetrics import CatMetric
 
+from meansparse_pl.attacks.evaluation import worst_case as worst_case_of_tensors
 from meansparse_pl.errors import CheckpointError, ConfigurationError
 from meansparse_pl.io import atomic_torch_save
 
@@ -264,15 +265,11 @@ def accuracy(per_sample: dict[int, bool]) -> float:
 
 
 def worst_case(results: Iterable[dict[int, bool]]) -> dict[int, bool]:
-    """Per-sample logical AND: a sample counts as robust only if no attack broke it ("best known")."""
-    merged: dict[int, bool] | None = None
-    for per_sample in results:
-        if merged is None:
-            merged = dict(per_sample)
-        else:
-            if per_sample.keys() != merged.keys():
-                raise ValueError("worst case over attacks needs the same samples for every attack.")
-            merged = {i: merged[i] and per_sample[i] for i in merged}
-    if merged is None:
-        raise ValueError("worst case over no attacks is undefined.")
-    return merged
+    """Per-sample worst case ("best known") of results keyed by sample index: the dict form of
+    :func:`meansparse_pl.attacks.worst_case`, which holds the rule."""
+    results = list(results)
+    if any(per_sample.keys() != results[0].keys() for per_sample in results[1:]):
+        raise ConfigurationError("the worst case over attacks needs every attack run on the same samples.")
+    indices = list(results[0]) if results else []
+    merged = worst_case_of_tensors([torch.tensor([r[i] for i in indices], dtype=torch.bool) for r in results])
+    return dict(zip(indices, merged.tolist(), strict=True))

@@ -418,6 +418,16 @@ def test_worst_case_logic_and_errors():
         worst_case([])
     with pytest.raises(ConfigurationError):
         worst_case([a, torch.ones(3, dtype=torch.bool)])
+    # the reports' form, keyed by dataset index (shards arrive in any order): the same rule
+    from meansparse_pl.evaluation import worst_case as worst_case_by_index
+
+    keyed = [{7 + 3 * i: bool(v) for i, v in enumerate(t.tolist())} for t in (a, b, c)]
+    keyed[1] = dict(reversed(list(keyed[1].items())))
+    assert worst_case_by_index(keyed) == {7: False, 10: False, 13: False, 16: True}
+    with pytest.raises(ConfigurationError, match="same samples"):
+        worst_case_by_index([keyed[0], {7: True}])
+    with pytest.raises(ConfigurationError):
+        worst_case_by_index([])
 
 
 def test_batch_size_changes_only_random_draws(classifier):
