@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +24,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from torchmetrics import CatMetric
@@ -169,6 +171,7 @@ class EvaluationModule(pl.LightningModule):
                     set_alpha(self.model, task.alpha)
                 # seed from the batch's first sample: a resumed run repeats exactly the same attack
                 torch.manual_seed(self.seed + index_list[0])
+                started = time.perf_counter()
                 with torch.enable_grad():
                     correct = run_attack(
                         task.attack,
@@ -183,6 +186,12 @@ class EvaluationModule(pl.LightningModule):
                     ).cpu()
                 self.state.record(task.key, index_list, correct)
                 self.state.save()  # after every attack: an interruption loses at most one attack on one batch
+                # one batch can hold many minutes of attacks (AutoAttack on CPU): say what finished, so the
+                # predict bar is not the only sign of progress
+                rank_zero_info(
+                    f"evaluate: {task.key} on {len(index_list)} samples (batch {batch_idx + 1}): "
+                    f"{100.0 * float(correct.float().mean()):.2f}% in {time.perf_counter() - started:.0f} s"
+                )
             rows = torch.stack([indices.cpu().to(torch.float64), correct.to(torch.float64)], dim=1)
             self.rows[self._metric_name(task.key)].update(rows.to(self.device))
 
