@@ -125,6 +125,12 @@ def main() -> None:
         help="intra-op threads; 1 by default: the attacks run many small ops, and on a loaded 2-core machine "
         "two OpenMP threads make them several times slower",
     )
+    parser.add_argument(
+        "--elimination",
+        default="half",
+        choices=["half", "clearly_worse"],
+        help="successive halving's drop rule",
+    )
     parser.add_argument("--skip-independent", action="store_true", help="skip the 9-evaluations comparison")
     parser.add_argument("--json", default=None, help="also write the results to this file")
     args = parser.parse_args()
@@ -166,9 +172,9 @@ def main() -> None:
         timed: dict[str, tuple] = {}
         for schedule in ("exhaustive", "successive_halving")[:: 1 if seed % 2 == 0 else -1]:
             start = time.perf_counter()
-            found = AlphaSearch(alphas=PAPER_ALPHAS, seed=seed, schedule=schedule, **common).run(
-                model, data, trainer=trainer
-            )
+            found = AlphaSearch(
+                alphas=PAPER_ALPHAS, seed=seed, schedule=schedule, elimination=args.elimination, **common
+            ).run(model, data, trainer=trainer)
             timed[schedule] = (found, time.perf_counter() - start)
         (exhaustive, exhaustive_s), (halving, halving_s) = timed["exhaustive"], timed["successive_halving"]
         column = "worst_case"

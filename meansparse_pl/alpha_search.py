@@ -7,17 +7,18 @@ clean accuracy is at most ``max_clean_drop`` points below alpha = 0: choosing by
 paper's rule) rewards gradient masking, which BPDA exposes.
 
 Two schedules: ``exhaustive`` (every alpha on every held-out sample) and ``successive_halving``: every alpha
-on a small subset, the worse half of the non-zero alphas dropped by the same rule, the subset doubled, and so
-on until the survivors are evaluated on the whole split. Alpha 0 stays in every round (it is the reference of
+on a small subset, the worse half of the non-zero alphas dropped by the same rule (or, with
+``elimination="clearly_worse"``, only those the paired evidence rules out), the subset doubled, and so on until the survivors are evaluated on the whole split. Alpha 0 stays in every round (it is the reference of
 the clean-accuracy drop and a valid answer). The subsets are nested prefixes of one seeded permutation of
 the split and every round evaluates only the samples that are new to it, with the attack seeds the full run
 over that permutation would use: where the round sizes are whole batches, the finalists' numbers are exactly
 those of an exhaustive run over the permuted split (a partial first batch gets other random starts).
 
-Measured caveat (benchmarks/README.md, "Choosing alpha"): on the Fashion-MNIST demo model successive halving
-ran at 0.40x the exhaustive time but chose the exhaustive search's alpha in only 1 of 5 held-out subsets
-(regret up to 2 points), because the worst-case accuracies of most alphas there lie within sampling noise
-of each other. Exhaustive is the default for that reason.
+Measured caveat (benchmarks/README.md, "Choosing alpha"): on the Fashion-MNIST demo model, dropping a fixed
+half per round (``elimination="half"``) ran at 0.40x the exhaustive time but chose the exhaustive search's
+alpha in only 1 of 5 held-out subsets (regret up to 2 points); dropping only clearly worse alphas
+(``"clearly_worse"``) saved nothing there and agreed in 2 of 5, because most alphas lie within sampling and
+attack noise of each other. Exhaustive is the default for that reason.
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ from meansparse_pl.operator import _require_operators, check_alpha
 Criterion = Literal["worst_case", "apgd"]
 Schedule = Literal["exhaustive", "successive_halving"]
 SCHEDULES: tuple[str, ...] = ("exhaustive", "successive_halving")
+Elimination = Literal["half", "clearly_worse"]
+ELIMINATIONS: tuple[str, ...] = ("half", "clearly_worse")
 PAPER_ALPHAS: tuple[float, ...] = (0.0, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5)
 SEARCH_ATTACKS: tuple[str, ...] = ("apgd-ce", "apgd-dlr", "bpda-apgd-ce")
 GRADIENT_MASKING_GAP = 1.0  # points by which BPDA may beat exact-gradient APGD before we flag masking
@@ -209,6 +212,12 @@ class AlphaSearch:
         min_samples: successive halving only: samples of the first round; default the split size divided by
             ``2 ** halving_rounds`` (rounded down to whole batches when that is at least one batch). Round
             ``r`` then uses ``min_samples * 2 ** r`` samples and the last round all of them.
+        elimination: successive halving only: ``half`` drops the worse half of the non-zero alphas after
+            every round; ``clearly_worse`` drops only the alphas whose criterion is below the round's leader by
+            more than ``confidence`` paired standard errors, or whose clean drop exceeds ``max_clean_drop`` by
+            more than that (it saves less where the alphas are within noise of each other, and never drops
+            an alpha the evidence does not rule out).
+        confidence: standard errors for ``clearly_worse`` (default 2).
     """
 
     def __init__(
@@ -225,6 +234,8 @@ class AlphaSearch:
         schedule: Schedule = "exhaustive",
         halving_rounds: int | None = None,
         min_samples: int | None = None,
+        elimination: Elimination = "half",
+        confidence: float = 2.0,
     ) -> None:
         if criterion not in ("worst_case", "apgd"):
             raise ConfigurationError(f"criterion must be 'worst_case' or 'apgd', got {criterion!r}.")
@@ -244,6 +255,10 @@ class AlphaSearch:
             raise ConfigurationError(f"min_samples must be >= 1 or None, got {min_samples}.")
         if batch_size < 1:
             raise ConfigurationError(f"batch_size must be >= 1, got {batch_size}.")
+        if elimination not in ELIMINATIONS:
+            raise ConfigurationError(f"elimination must be one of {ELIMINATIONS}, got {elimination!r}.")
+        if not confidence >= 0:
+            raise ConfigurationError(f"confidence must be >= 0 standard errors, got {confidence}.")
         self.alphas = check_alphas(alphas)
         self.eps = float(eps)
         self.norm = norm
@@ -256,6 +271,8 @@ class AlphaSearch:
         self.schedule = schedule
         self.halving_rounds = halving_rounds
         self.min_samples = min_samples
+        self.elimination = elimination
+        self.confidence = float(confidence)
 
     def tasks(self, alphas: Sequence[float] | None = None) -> list[EvaluationTask]:
         tasks = []
@@ -379,6 +396,45 @@ class AlphaSearch:
         evidence = sum(row[attack] for attack in self.attacks) / max(len(self.attacks), 1)
         return (eligible, row[column], evidence, -alpha)
 
+    def _criterion_per_sample(self, per_attack: dict[str, dict[int, bool]]) -> dict[int, bool]:
+        if self.criterion == "apgd":
+            return per_attack["apgd-ce"]
+        return worst_case(per_attack.values())
+
+    def _not_clearly_worse(
+        self, alphas: Sequence[float], per_sample: dict[float, dict[str, dict[int, bool]]]
+    ) -> list[float]:
+        """The alphas the evidence so far does not rule out (``elimination="clearly_worse"``).
+
+        Paired comparisons on the samples seen: two alphas that differ on ``d`` of ``n`` samples have an
+        accuracy difference with a standard error of about ``100 * sqrt(d) / n`` points (McNemar). An alpha is
+        dropped when its clean drop against alpha 0 exceeds ``max_clean_drop`` by more than ``confidence``
+        such errors, or when the leader (the best eligible alpha by :meth:`_rank_key`) beats its criterion by
+        more than ``confidence`` errors.
+        """
+
+        def paired_gap(a: dict[int, bool], b: dict[int, bool]) -> tuple[float, float]:
+            n = max(len(a), 1)
+            discordant = sum(a[i] != b[i] for i in a)
+            return accuracy(a) - accuracy(b), 100.0 * math.sqrt(discordant) / n
+
+        base_clean = per_sample[0.0]["clean"]
+        admissible = []
+        for alpha in alphas:
+            drop, error = paired_gap(base_clean, per_sample[alpha]["clean"])
+            if drop - self.confidence * error <= self.max_clean_drop + 1e-9:
+                admissible.append(alpha)
+        if not admissible:
+            return []
+        leader = max(admissible, key=lambda a: self._rank_key(a, per_sample))
+        best = self._criterion_per_sample(per_sample[leader])
+        kept = []
+        for alpha in admissible:
+            gap, error = paired_gap(best, self._criterion_per_sample(per_sample[alpha]))
+            if gap <= self.confidence * error + 1e-9:
+                kept.append(alpha)
+        return sorted(kept)
+
     def _run_successive_halving(
         self,
         model: nn.Module,
@@ -421,8 +477,11 @@ class AlphaSearch:
             evaluated = list(survivors)
             nonzero = [a for a in survivors if a != 0.0]
             if pending and len(nonzero) > 1:
-                ranked = sorted(nonzero, key=lambda a: self._rank_key(a, per_sample), reverse=True)
-                survivors = [0.0, *sorted(ranked[: math.ceil(len(nonzero) / 2)])]
+                if self.elimination == "clearly_worse":
+                    survivors = [0.0, *self._not_clearly_worse(nonzero, per_sample)]
+                else:
+                    ranked = sorted(nonzero, key=lambda a: self._rank_key(a, per_sample), reverse=True)
+                    survivors = [0.0, *sorted(ranked[: math.ceil(len(nonzero) / 2)])]
             if len(survivors) <= 2:  # one candidate left next to alpha 0: straight to the whole split
                 pending = pending[-1:]
             rounds.append({"round": index, "samples": size, "evaluated": evaluated, "kept": list(survivors)})

@@ -21,7 +21,14 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from torch.utils.data import Dataset, Subset
 
-from meansparse_pl.alpha_search import PAPER_ALPHAS, SEARCH_ATTACKS, AlphaSearch, Criterion
+from meansparse_pl.alpha_search import (
+    PAPER_ALPHAS,
+    SEARCH_ATTACKS,
+    AlphaSearch,
+    Criterion,
+    Elimination,
+    Schedule,
+)
 from meansparse_pl.calibration import StatisticsCollector, _inputs_of
 from meansparse_pl.checkpoint import load_checkpoint, load_weights, safe_load, save_checkpoint
 from meansparse_pl.errors import CheckpointError, ConfigurationError
@@ -177,6 +184,8 @@ class MeanSparseTrainer(pl.Trainer):
         output_dir: str = "runs/alpha_search",
         resume: bool = True,
         write_alpha: bool = True,
+        schedule: Schedule = "exhaustive",
+        elimination: Elimination = "half",
     ) -> None:
         """Choose alpha on the held-out validation split (never the test set) and write it into the checkpoint.
 
@@ -195,8 +204,24 @@ class MeanSparseTrainer(pl.Trainer):
             output_dir: Where alpha_search.md / .json / .png and the resume state go.
             resume: Continue an interrupted search from its state file.
             write_alpha: Store the chosen alpha (and the search result) in the checkpoint.
+            schedule: exhaustive (every alpha on every image) or successive_halving (growing subsets,
+                dropping alphas early; see benchmarks/README.md for its measured agreement and cost).
+            elimination: successive_halving only: half (drop the worse half every round) or clearly_worse
+                (drop only alphas ruled out by two paired standard errors).
         """
-        search = AlphaSearch(alphas, eps, norm, attacks, n_iter, max_clean_drop, criterion, seed, batch_size)
+        search = AlphaSearch(
+            alphas,
+            eps,
+            norm,
+            attacks,
+            n_iter,
+            max_clean_drop,
+            criterion,
+            seed,
+            batch_size,
+            schedule=schedule,
+            elimination=elimination,
+        )
         sparse = self._sparse_model(model, checkpoint)
         datamodule.setup("fit")
         dataset = _subset(datamodule.val_dataloader().dataset, limit_samples)

@@ -303,3 +303,65 @@ def test_halving_rank_key_uses_slack_and_attack_evidence():
     )
     ranked = sorted([0.1, 0.2, 0.3, 0.4], key=lambda a: search._rank_key(a, per_sample), reverse=True)
     assert ranked == [0.3, 0.2, 0.1, 0.4]
+
+
+def test_clearly_worse_elimination_keeps_what_the_evidence_does_not_rule_out():
+    """Hand-made per-sample results on 100 samples; standard errors worked out by hand (McNemar)."""
+
+    def column(correct: set[int]) -> dict[int, bool]:
+        return {i: i in correct for i in range(100)}
+
+    def results(clean: set[int], ce: set[int]) -> dict[str, dict[int, bool]]:
+        return {"clean": column(clean), "apgd-ce": column(ce)}
+
+    everyone = set(range(100))
+    per_sample = {
+        0.0: results(everyone, set(range(50))),
+        # the leader: 60 robust samples
+        0.1: results(everyone, set(range(60))),
+        # 58 robust, differs from the leader on 2 + 2 samples: gap 2 points, SE 100 * sqrt(4) / 100 = 2
+        # -> within 2 SE, kept
+        0.2: results(everyone, set(range(56)) | {60, 61}),
+        # 40 robust, a subset of the leader's: gap 20, 20 discordant, SE 4.47 -> 20 > 8.94, dropped
+        0.3: results(everyone, set(range(40))),
+        # the best robust column but 10 clean samples lost: drop 10, SE 3.16, 10 - 6.32 > 0.5 -> dropped
+        0.4: results(everyone - set(range(90, 100)), set(range(70))),
+        # 3 clean samples lost: drop 3, SE 1.73, 3 - 3.46 <= 0.5 -> admissible; 57 robust, gap 3 with
+        # 3 discordant (SE 1.73) -> within 2 SE, kept
+        0.5: results(everyone - {97, 98, 99}, set(range(57))),
+    }
+    search = AlphaSearch(
+        alphas=[0, 0.1, 0.2, 0.3, 0.4, 0.5],
+        attacks=["apgd-ce"],
+        schedule="successive_halving",
+        elimination="clearly_worse",
+    )
+    assert search._not_clearly_worse([0.1, 0.2, 0.3, 0.4, 0.5], per_sample) == [0.1, 0.2, 0.5]
+    # at one standard error the near-ties go too
+    strict = AlphaSearch(
+        alphas=[0, 0.1, 0.2, 0.3, 0.4, 0.5],
+        attacks=["apgd-ce"],
+        schedule="successive_halving",
+        elimination="clearly_worse",
+        confidence=0.5,
+    )
+    assert strict._not_clearly_worse([0.1, 0.2, 0.3, 0.4, 0.5], per_sample) == [0.1]
+    with pytest.raises(ConfigurationError, match="elimination must be one of"):
+        AlphaSearch(elimination="all")
+    with pytest.raises(ConfigurationError, match="confidence must be >= 0"):
+        AlphaSearch(confidence=-1)
+
+
+def test_clearly_worse_halving_on_a_real_model_keeps_the_exhaustive_numbers():
+    from torch.utils.data import Subset
+
+    sparse, data = _tiny_sparse_model()
+    common = {"alphas": [0, 0.3, 1.0, 3.0], "eps": 0.03, "n_iter": 3, "batch_size": 16, "seed": 5}
+    search = AlphaSearch(schedule="successive_halving", elimination="clearly_worse", min_samples=16, **common)
+    assert search.round_sizes(len(data)) == [16, 32, 48]  # whole batches: the same seeds as the full run
+    result = search.run(sparse, data)
+    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(5)).tolist()
+    exhaustive = AlphaSearch(**common).run(sparse, Subset(data, order))
+    for alpha in result.finalists:  # whatever survived was measured exactly as the exhaustive run measures it
+        assert result.accuracy[alpha] == exhaustive.accuracy[alpha]
+    assert result.suggestion() == exhaustive.suggestion()

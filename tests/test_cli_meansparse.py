@@ -139,6 +139,21 @@ def test_postprocess_from_a_lightning_checkpoint_with_limited_batches(trained, t
         torch.testing.assert_close(a.mean, b.mean, rtol=1e-6, atol=1e-7)
 
 
+def test_alpha_search_successive_halving_from_the_cli(trained, tmp_path):
+    checkpoint = tmp_path / "sparse.pt"
+    checkpoint.write_bytes(trained["sparse"].read_bytes())
+    args = [*DATA, *QUIET, *MODEL, f"--checkpoint={checkpoint}", "--alphas=[0, 0.3, 8.0]", "--eps=0.1"]
+    args += ["--n_iter=2", "--limit_samples=64", "--batch_size=16", "--write_alpha=false"]
+    main(["alpha_search", *args, "--schedule=successive_halving", "--elimination=clearly_worse",
+          f"--output_dir={tmp_path}/halving"])  # fmt: skip
+    result = json.loads((tmp_path / "halving" / "alpha_search.json").read_text())
+    assert result["schedule"] == "successive_halving"
+    # alpha 8 replaces nearly every feature by its channel mean: its clean accuracy collapses, so it is
+    # clearly ineligible after the first round and never sees the whole split
+    assert result["samples_per_alpha"]["8"] < 64 == result["samples_per_alpha"]["0"]
+    assert result["accuracy"]["8"]["clean"] < result["accuracy"]["0"]["clean"] - 10
+
+
 def test_alpha_search_writes_reports_and_the_chosen_alpha(trained, tmp_path):
     checkpoint = tmp_path / "sparse.pt"
     checkpoint.write_bytes(trained["sparse"].read_bytes())
