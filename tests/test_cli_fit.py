@@ -286,3 +286,42 @@ def test_two_process_ddp_metrics_equal_a_single_process_validate(tmp_path):
     assert reference["val/clean_acc"] == ddp["val/clean_acc"]
     assert reference["val/pgd_acc"] == ddp["val/pgd_acc"]
     assert reference["val/pgd_acc"] < reference["val/clean_acc"]
+
+
+@pytest.mark.parametrize("stem", ["resnet18_gelu_trades", "resnet18_pssilu_pgd"])
+def test_cifar10_config_trains_and_postprocesses_end_to_end(stem, tmp_path, monkeypatch):
+    """A paper ablation config, unchanged except for size: two TRADES / PGD-10 steps of the real ResNet-18 on
+    CIFAR-10 files written in torchvision's format, then `postprocess` of its best checkpoint. Alpha 0 must
+    reproduce the trained network's logits exactly."""
+    from test_data import cifar_images, write_cifar_batch
+
+    from meansparse_pl.checkpoint import load_checkpoint
+
+    folder = tmp_path / "data" / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    for batch in range(5):
+        write_cifar_batch(
+            folder / f"data_batch_{batch + 1}", cifar_images(8, 8 * batch), {"labels": [0, 1, 2, 3] * 2}
+        )
+    write_cifar_batch(folder / "test_batch", cifar_images(8, 100), {"labels": [0, 1, 2, 3] * 2})
+    monkeypatch.chdir(tmp_path)  # the config's runs/ paths land here
+    size = [
+        f"--data.init_args.data_dir={tmp_path / 'data'}",
+        "--data.init_args.batch_size=8",
+        "--data.init_args.eval_batch_size=8",
+        "--data.init_args.val_size=8",
+        "--data.init_args.num_workers=0",
+    ]
+    config = ROOT / "configs" / "cifar10" / f"{stem}.yaml"
+    main(["fit", "--config", str(config), *size, "--trainer.max_epochs=1", "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1",
+          "--trainer.enable_progress_bar=false"])  # fmt: skip
+    best = next((tmp_path / "runs" / "cifar10" / stem / "checkpoints").glob("best-*.ckpt"))
+    output = tmp_path / "meansparse.pt"
+    main(["postprocess", "--config", str(config), *size, f"--checkpoint={best}", f"--output={output}",
+          "--trainer.limit_predict_batches=2", "--trainer.enable_progress_bar=false"])  # fmt: skip
+    sparse = load_checkpoint(output).eval()
+    trained = AdversarialClassifier.load_from_checkpoint(best, weights_only=True).model.eval()
+    assert len(operators(sparse)) == 17  # torchvision-style ResNet-18: every activation call site
+    x = torch.rand(4, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(sparse(x), trained(x))
