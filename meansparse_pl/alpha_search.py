@@ -193,6 +193,11 @@ class AlphaSearchResult:
         return str(path)
 
 
+def _paired_comparison(a: dict[int, bool], b: dict[int, bool]) -> tuple[float, int, int]:
+    """Accuracy of ``a`` minus that of ``b`` (points), the samples on which they disagree, the samples."""
+    return accuracy(a) - accuracy(b), sum(a[i] != b[i] for i in a), len(a)
+
+
 class AlphaSearch:
     """Sweep alpha on a held-out split and suggest one (Lightning ``LearningRateFinder`` in spirit).
 
@@ -384,12 +389,8 @@ class AlphaSearch:
         search dropped the eventual winner more often. The final choice, on the whole split, uses the rule
         exactly.
         """
-        base = per_sample[0.0]["clean"]
-        mine = per_sample[alpha]["clean"]
-        n = len(mine)
-        discordant = sum(base[i] != mine[i] for i in mine)
+        drop, discordant, n = _paired_comparison(per_sample[0.0]["clean"], per_sample[alpha]["clean"])
         slack = 100.0 * math.sqrt(discordant + 1) / max(n, 1)
-        drop = accuracy(base) - accuracy(mine)
         eligible = drop <= self.max_clean_drop + slack + 1e-9
         row = self._row(per_sample[alpha])
         column = "worst_case" if self.criterion == "worst_case" else "apgd-ce"
@@ -414,9 +415,8 @@ class AlphaSearch:
         """
 
         def paired_gap(a: dict[int, bool], b: dict[int, bool]) -> tuple[float, float]:
-            n = max(len(a), 1)
-            discordant = sum(a[i] != b[i] for i in a)
-            return accuracy(a) - accuracy(b), 100.0 * math.sqrt(discordant) / n
+            gap, discordant, n = _paired_comparison(a, b)
+            return gap, 100.0 * math.sqrt(discordant) / max(n, 1)
 
         base_clean = per_sample[0.0]["clean"]
         admissible = []

@@ -146,10 +146,15 @@ def _load_state(
     try:
         network.load_state_dict(state, strict=True)
     except RuntimeError as error:
-        detail = str(error).splitlines()
         raise CheckpointError(
-            f"{path}: weights do not fit the model ({detail[1].strip() if len(detail) > 1 else detail[0]}); {hint}"
+            f"{path}: weights do not fit the model ({load_error_detail(error)}); {hint}"
         ) from error
+
+
+def load_error_detail(error: RuntimeError) -> str:
+    """The informative line of ``load_state_dict``'s error (the first names the class, the second what failed)."""
+    lines = str(error).splitlines()
+    return (lines[1] if len(lines) > 1 else lines[0]).strip()
 
 
 def rebuild_operators(model: nn.Module, record: dict[str, Any]) -> nn.Module:

@@ -38,6 +38,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from meansparse_pl.checkpoint import load_error_detail
 from meansparse_pl.errors import CheckpointError, PlacementError, StatisticsError
 from meansparse_pl.operator import BackwardMode, Centre, MeanSparse
 from meansparse_pl.placement import Placement, Site, _probe_mode, _site_label, placement_of, sparsify
@@ -376,9 +377,8 @@ def load_published_state_dict(
     try:
         model.load_state_dict(ours, strict=strict)
     except RuntimeError as error:
-        lines = str(error).splitlines()
         raise CheckpointError(
-            f"the published weights do not fit the model ({(lines[1] if len(lines) > 1 else lines[0]).strip()})."
+            f"the published weights do not fit the model ({load_error_detail(error)})."
         ) from error
     return model
 

@@ -390,10 +390,15 @@ def _only_benign_missing(model: nn.Module, state: dict[str, torch.Tensor]) -> bo
 
 
 def load_robustbench_weights(
-    model: nn.Module, path: str | os.PathLike, name: str, dataset: str = "cifar10"
+    model: nn.Module,
+    path: str | os.PathLike,
+    name: str,
+    dataset: str = "cifar10",
+    map_location: str | torch.device = "cpu",
 ) -> nn.Module:
     """Load a RobustBench checkpoint file into ``model`` (RobustBench's conventions, weights_only)."""
-    load_weights(model, robustbench_state_dict(safe_load(path), name, dataset, model), path)
+    payload = safe_load(path, map_location)
+    load_weights(model, robustbench_state_dict(payload, name, dataset, model), path)
     return model
 
 
@@ -430,6 +435,4 @@ def load_model(
             + (f" (Google Drive id {gdrive})." if isinstance(gdrive, str) else ".")
         )
     model = build_architecture(name, dataset, threat_model)
-    payload = safe_load(path, map_location)
-    load_weights(model, robustbench_state_dict(payload, name, dataset, model), path)
-    return model.eval()
+    return load_robustbench_weights(model, path, name, dataset, map_location).eval()
