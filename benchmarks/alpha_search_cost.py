@@ -25,6 +25,7 @@ Measured (wall time, one process, 1 intra-op thread by default, see ``--threads`
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import statistics
 import time
@@ -38,11 +39,18 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 from meansparse_pl import calibrate, sparsify
-from meansparse_pl.alpha_search import PAPER_ALPHAS, AlphaSearch
+from meansparse_pl.alpha_search import PAPER_ALPHAS, SELECTIONS, AlphaSearch, AlphaSearchResult
 from meansparse_pl.attacks import eval_mode, pgd_perturb
 from meansparse_pl.data import FashionMNISTDataModule
 from meansparse_pl.evaluation import run_tasks
 from meansparse_pl.models import create_model
+
+REPEAT_SEED_OFFSET = 1000  # attack seed of the second exhaustive search on the same subset
+
+
+def choice(found: AlphaSearchResult, selection: str) -> float:
+    """The alpha a search result gives under a selection rule (the rules need no new evaluation)."""
+    return dataclasses.replace(found, selection=selection).suggestion()
 
 
 def quiet_trainer() -> pl.Trainer:
@@ -165,27 +173,28 @@ def main() -> None:
         model, warm, trainer=trainer
     )
 
-    # 1. successive halving vs exhaustive, per seed (alternating which runs first)
+    # 1. successive halving vs exhaustive, per seed (alternating which runs first), plus a second exhaustive
+    #    search on the same subset with other attack random starts: is the exhaustive choice reproducible?
     rows = []
     for seed in range(args.seeds):
         data = subset(seed)
         timed: dict[str, tuple] = {}
-        for schedule in ("exhaustive", "successive_halving")[:: 1 if seed % 2 == 0 else -1]:
+        runs = [("exhaustive", seed), ("successive_halving", seed)][:: 1 if seed % 2 == 0 else -1]
+        for schedule, attack_seed in [*runs, ("exhaustive", seed + REPEAT_SEED_OFFSET)]:
             start = time.perf_counter()
             found = AlphaSearch(
-                alphas=PAPER_ALPHAS, seed=seed, schedule=schedule, elimination=args.elimination, **common
+                alphas=PAPER_ALPHAS,
+                seed=attack_seed,
+                schedule=schedule,
+                elimination=args.elimination,
+                **common,
             ).run(model, data, trainer=trainer)
-            timed[schedule] = (found, time.perf_counter() - start)
+            key = schedule if attack_seed == seed else "exhaustive, other random starts"
+            timed[key] = (found, time.perf_counter() - start)
         (exhaustive, exhaustive_s), (halving, halving_s) = timed["exhaustive"], timed["successive_halving"]
-        column = "worst_case"
+        repeat = timed["exhaustive, other random starts"][0]
         row = {
             "seed": seed,
-            "exhaustive_alpha": exhaustive.suggestion(),
-            "halving_alpha": halving.suggestion(),
-            "same": exhaustive.suggestion() == halving.suggestion(),
-            # how much worse the halving choice is by the exhaustive search's own numbers (points)
-            "regret": exhaustive.accuracy[exhaustive.suggestion()][column]
-            - exhaustive.accuracy[halving.suggestion()][column],
             "exhaustive_s": exhaustive_s,
             "halving_s": halving_s,
             "time_ratio": halving_s / exhaustive_s,
@@ -193,12 +202,34 @@ def main() -> None:
             "rounds": halving.rounds,
             "exhaustive_table": {f"{a:g}": exhaustive.accuracy[a] for a in exhaustive.alphas},
         }
+        for rule in SELECTIONS:
+            chosen = {
+                name: choice(found, rule)
+                for name, found in (("e", exhaustive), ("h", halving), ("r", repeat))
+            }
+            row[rule] = {
+                "exhaustive_alpha": chosen["e"],
+                "halving_alpha": chosen["h"],
+                "same": chosen["e"] == chosen["h"],
+                # the exhaustive choice again with other attack random starts: its own reproducibility
+                "repeat_alpha": chosen["r"],
+                "reproducible": chosen["e"] == chosen["r"],
+                # how much worse the halving choice is by the exhaustive search's own numbers (points)
+                "regret": exhaustive.accuracy[chosen["e"]]["worst_case"]
+                - exhaustive.accuracy[chosen["h"]]["worst_case"],
+            }
         rows.append(row)
         print(
-            f"seed {seed}: exhaustive picks {row['exhaustive_alpha']:g} ({exhaustive_s:.1f} s), successive halving "
-            f"picks {row['halving_alpha']:g} ({halving_s:.1f} s, {100 * row['evaluated_fraction']:.0f}% of the "
-            f"sample-alpha evaluations); rounds: "
+            f"seed {seed}: exhaustive {exhaustive_s:.1f} s, successive halving {halving_s:.1f} s "
+            f"({100 * row['evaluated_fraction']:.0f}% of the sample-alpha evaluations); rounds: "
             + "; ".join(f"{r['samples']} samples x {len(r['evaluated'])} alphas" for r in halving.rounds)
+            + "; choices (exhaustive / halving / exhaustive again): "
+            + ", ".join(
+                f"{rule} {row[rule]['exhaustive_alpha']:g} / {row[rule]['halving_alpha']:g} / "
+                f"{row[rule]['repeat_alpha']:g}"
+                for rule in SELECTIONS
+            ),
+            flush=True,
         )
         if seed == 0:
             print(exhaustive.table())
@@ -227,23 +258,28 @@ def main() -> None:
             f"9 x (calibration + evaluation of one alpha): {independent:.1f} s; ratio {together / independent:.3f}"
         )
 
-    same = sum(r["same"] for r in rows)
-    print(
-        "\n| seed | exhaustive alpha | halving alpha | same | regret (points) | exhaustive (s) | halving (s) "
-        "| time ratio | evaluations |"
-    )
-    print("|---:|---:|---:|---|---:|---:|---:|---:|---:|")
-    for r in rows:
+    for rule in SELECTIONS:
         print(
-            f"| {r['seed']} | {r['exhaustive_alpha']:g} | {r['halving_alpha']:g} | {'yes' if r['same'] else 'no'} | "
-            f"{r['regret']:.2f} | {r['exhaustive_s']:.1f} | {r['halving_s']:.1f} | {r['time_ratio']:.3f} | "
-            f"{100 * r['evaluated_fraction']:.0f}% |"
+            f"\nselection rule {rule!r}:\n\n| seed | exhaustive alpha | halving alpha | same | regret (points) "
+            "| exhaustive again | reproducible | exhaustive (s) | halving (s) | time ratio | evaluations |"
         )
-    print(
-        f"\nsame choice in {same}/{len(rows)} seeds; successive halving / exhaustive wall time: median "
-        f"{statistics.median(r['time_ratio'] for r in rows):.3f}; evaluations "
-        f"{100 * statistics.median(r['evaluated_fraction'] for r in rows):.0f}% (target: same choice at <= 40%)"
-    )
+        print("|---:|---:|---:|---|---:|---:|---|---:|---:|---:|---:|")
+        for r in rows:
+            c = r[rule]
+            print(
+                f"| {r['seed']} | {c['exhaustive_alpha']:g} | {c['halving_alpha']:g} | {'yes' if c['same'] else 'no'} "
+                f"| {c['regret']:.2f} | {c['repeat_alpha']:g} | {'yes' if c['reproducible'] else 'no'} "
+                f"| {r['exhaustive_s']:.1f} | {r['halving_s']:.1f} | {r['time_ratio']:.3f} "
+                f"| {100 * r['evaluated_fraction']:.0f}% |"
+            )
+        same = sum(r[rule]["same"] for r in rows)
+        reproducible = sum(r[rule]["reproducible"] for r in rows)
+        print(
+            f"\n{rule}: same choice in {same}/{len(rows)} seeds; the exhaustive choice reproduced with other "
+            f"random starts in {reproducible}/{len(rows)}; successive halving / exhaustive wall time: median "
+            f"{statistics.median(r['time_ratio'] for r in rows):.3f}; evaluations "
+            f"{100 * statistics.median(r['evaluated_fraction'] for r in rows):.0f}% (target: same choice at <= 40%)"
+        )
     if calibration_s == calibration_s:  # not NaN
         print(f"(calibration on {args.calibration_images} images: {calibration_s:.1f} s)")
     write_json(args.json, result)

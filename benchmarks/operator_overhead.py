@@ -4,11 +4,13 @@ Cases, all on the same weights and the same batch, interleaved (see ``benchmarks
 
 * ``base``: ResNet-18 (CIFAR shape) without operators;
 * ``meansparse default``: operators at all 17 activation sites, calibrated, alpha 0.25, the default path
-  (fused CPU kernel, cached band tensors);
+  (each operator fused with the ReLU after it into one CPU kernel, cached band tensors);
+* ``meansparse, ReLU not fused``: the same with ``fuse_activations=False``: a fused operator kernel, then the
+  model's own ReLU call (the default before activation fusion);
 * ``meansparse fused, fresh outputs``: the default path without reusing output memory (every call writes
   into a newly allocated tensor, as plain PyTorch ops do);
 * ``meansparse eager``: the same operators with the fused kernels switched off (the eager ``torch.where``
-  formula, band tensors cached);
+  formula, band tensors cached, then the ReLU);
 * ``meansparse original``: the operator forward as it was before the speed work (band tensors rebuilt on
   every call, eager formula through the autograd Function with a saved boolean mask);
 * ``published module``: a re-implementation of the RobustBench MeanSparse module's forward (flag-guarded
@@ -142,20 +144,24 @@ def main() -> None:
     sparse = sparsify(copy.deepcopy(base), x[:2])
     calibrate(sparse, list(calibration.split(64)), progress=False)
     set_alpha(sparse, args.alpha)
-    original = copy.deepcopy(sparse)
+    # the operators' state is the same with and without the ReLU fused into them
+    unfused = sparsify(copy.deepcopy(base), x[:2], fuse_activations=False)
+    unfused.load_state_dict(sparse.state_dict())
+    original = copy.deepcopy(unfused)
     for op in operators(original):
         op.forward = types.MethodType(original_forward, op)
     published = replace_operators(
-        copy.deepcopy(sparse), lambda op: PublishedMeanSparse(op.mean, op.var, float(op.alpha))
+        copy.deepcopy(unfused), lambda op: PublishedMeanSparse(op.mean, op.var, float(op.alpha))
     )
-    for model in (base, sparse, original, published):
+    for model in (base, sparse, unfused, original, published):
         model.requires_grad_(False)  # parameters frozen, as inside an attack
 
-    fraction = replaced_fraction(sparse, x)
+    fraction = replaced_fraction(unfused, x)  # fused operators also apply the ReLU: compare before it
     with torch.no_grad():
         reference = sparse(x)
         with fused_kernels(False):
             assert torch.equal(sparse(x), reference)
+        assert torch.equal(unfused(x), reference)
         assert torch.equal(original(x), reference) and torch.equal(published(x), reference)
 
     def forward(model: nn.Module, fused: bool = True, reuse: bool = True):
@@ -182,6 +188,7 @@ def main() -> None:
     forward_cases = {
         "base": forward(base),
         "meansparse default": forward(sparse),
+        "meansparse, ReLU not fused": forward(unfused),
         "meansparse fused, fresh outputs": forward(sparse, reuse=False),
         "meansparse eager": forward(sparse, fused=False),
         "meansparse original": forward(original),
@@ -198,6 +205,7 @@ def main() -> None:
             "base": forward_backward(base),
             "meansparse default": forward_backward(sparse),
             "meansparse default, straight-through": forward_backward(sparse, mode="straight_through"),
+            "meansparse, ReLU not fused": forward_backward(unfused),
             "meansparse fused, fresh outputs": forward_backward(sparse, reuse=False),
             "meansparse eager": forward_backward(sparse, fused=False),
             "meansparse original": forward_backward(original),

@@ -43,9 +43,16 @@ Schedule = Literal["exhaustive", "successive_halving"]
 SCHEDULES: tuple[str, ...] = ("exhaustive", "successive_halving")
 Elimination = Literal["half", "clearly_worse"]
 ELIMINATIONS: tuple[str, ...] = ("half", "clearly_worse")
+Selection = Literal["highest", "smallest_within_error"]
+SELECTIONS: tuple[str, ...] = ("highest", "smallest_within_error")
 PAPER_ALPHAS: tuple[float, ...] = (0.0, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5)
 SEARCH_ATTACKS: tuple[str, ...] = ("apgd-ce", "apgd-dlr", "bpda-apgd-ce")
 GRADIENT_MASKING_GAP = 1.0  # points by which BPDA may beat exact-gradient APGD before we flag masking
+
+
+def criterion_column(criterion: str) -> str:
+    """The result column a criterion ranks by."""
+    return "worst_case" if criterion == "worst_case" else "apgd-ce"
 
 
 def check_alphas(alphas: Sequence[float]) -> list[float]:
@@ -80,6 +87,9 @@ class AlphaSearchResult:
     samples_per_alpha: dict[float, int] = field(default_factory=dict)
     # successive halving: per round, the samples, the alphas evaluated and the alphas kept
     rounds: list[dict[str, Any]] = field(default_factory=list)
+    selection: str = "highest"
+    # alpha -> {sample -> correct under the criterion}: the paired evidence "smallest_within_error" needs
+    criterion_per_sample: dict[float, dict[int, bool]] = field(default_factory=dict, repr=False)
 
     def samples(self, alpha: float) -> int:
         return self.samples_per_alpha.get(alpha, self.num_samples)
@@ -106,18 +116,47 @@ class AlphaSearchResult:
             if self.criterion == "worst_case"
             else ("APGD-CE accuracy (the paper's rule)")
         )
-        return (
-            f"highest {target} among alphas whose clean accuracy is at most {self.max_clean_drop:g} points "
-            "below alpha = 0; ties go to the smaller alpha"
+        eligible = (
+            f"among alphas whose clean accuracy is at most {self.max_clean_drop:g} points below alpha = 0"
         )
+        if self.selection == "smallest_within_error":
+            return (
+                f"smallest alpha whose {target} is within one paired standard error of the highest, {eligible} "
+                "(one-standard-error rule)"
+            )
+        return f"highest {target} {eligible}; ties go to the smaller alpha"
 
-    def suggestion(self) -> float:
+    def eligible(self) -> list[float]:
+        """The finalists whose clean accuracy is within ``max_clean_drop`` points of alpha = 0 (0 included)."""
         base_clean = self.accuracy[0.0]["clean"]
-        eligible = [
+        return [
             a for a in self.finalists if self.accuracy[a]["clean"] >= base_clean - self.max_clean_drop - 1e-9
         ]
-        column = "worst_case" if self.criterion == "worst_case" else "apgd-ce"
-        return max(eligible, key=lambda a: (self.accuracy[a][column], -a))
+
+    def best_eligible(self) -> float:
+        """The eligible alpha with the highest criterion accuracy; ties go to the smaller alpha."""
+        column = criterion_column(self.criterion)
+        return max(self.eligible(), key=lambda a: (self.accuracy[a][column], -a))
+
+    def suggestion(self) -> float:
+        eligible = self.eligible()
+        best = self.best_eligible()
+        if self.selection == "highest":
+            return best
+        for alpha in sorted(eligible):  # the smallest alpha that the evidence does not tell from the best
+            gap, error = self.gap_to(best, alpha)
+            if gap <= error + 1e-9:
+                return alpha
+        return best  # unreachable: the best is within zero errors of itself
+
+    def gap_to(self, best: float, alpha: float) -> tuple[float, float]:
+        """Criterion accuracy of ``best`` minus that of ``alpha`` and its paired standard error (points)."""
+        if best not in self.criterion_per_sample or alpha not in self.criterion_per_sample:
+            raise ConfigurationError(
+                "the 'smallest_within_error' rule needs the per-sample results of the search; run the search "
+                "again, or use selection 'highest'."
+            )
+        return paired_gap(self.criterion_per_sample[best], self.criterion_per_sample[alpha])
 
     def table(self) -> str:
         chosen = self.suggestion()
@@ -142,6 +181,12 @@ class AlphaSearchResult:
                 f"the rule chose among the finalists {', '.join(f'{a:g}' for a in self.finalists)}; "
                 f"{100 * self.evaluated_fraction:.0f}% of the sample-alpha evaluations of an exhaustive search."
             )
+        if self.selection == "smallest_within_error" and chosen != self.best_eligible():
+            gap, error = self.gap_to(self.best_eligible(), chosen)
+            notes.append(
+                f"The highest is alpha {self.best_eligible():g}; alpha {chosen:g} is {gap:.2f} points below it, "
+                f"within one paired standard error ({error:.2f} points)."
+            )
         notes += [f"WARNING: {flag}" for flag in self.flags]
         return "\n".join(lines + notes)
 
@@ -162,6 +207,8 @@ class AlphaSearchResult:
             "samples_per_alpha": {f"{a:g}": self.samples(a) for a in self.alphas},
             "evaluated_fraction": self.evaluated_fraction,
             "rounds": self.rounds,
+            "selection": self.selection,
+            "highest_eligible": self.best_eligible(),
         }
 
     def plot(self, path: str | os.PathLike) -> str:
@@ -198,6 +245,16 @@ def _paired_comparison(a: dict[int, bool], b: dict[int, bool]) -> tuple[float, i
     return accuracy(a) - accuracy(b), sum(a[i] != b[i] for i in a), len(a)
 
 
+def paired_gap(a: dict[int, bool], b: dict[int, bool]) -> tuple[float, float]:
+    """Accuracy of ``a`` minus that of ``b`` and the difference's standard error, in points.
+
+    Paired over the same samples: two alphas that differ on ``d`` of ``n`` samples have an accuracy difference
+    with a standard error of about ``100 * sqrt(d) / n`` points (McNemar's test statistic).
+    """
+    gap, discordant, n = _paired_comparison(a, b)
+    return gap, 100.0 * math.sqrt(discordant) / max(n, 1)
+
+
 class AlphaSearch:
     """Sweep alpha on a held-out split and suggest one (Lightning ``LearningRateFinder`` in spirit).
 
@@ -223,6 +280,11 @@ class AlphaSearch:
             more than that (it saves less where the alphas are within noise of each other, and never drops
             an alpha the evidence does not rule out).
         confidence: standard errors for ``clearly_worse`` (default 2).
+        selection: how the final choice is made among the eligible alphas: ``highest`` (default: the highest
+            criterion accuracy, the paper's way) or ``smallest_within_error`` (the smallest alpha whose
+            criterion accuracy is within one paired standard error of the highest, the one-standard-error
+            rule of model selection: a larger alpha costs clean accuracy and masks more gradient, so it has to
+            be measurably better; the choice then moves less with the attacks' random starts).
     """
 
     def __init__(
@@ -241,6 +303,7 @@ class AlphaSearch:
         min_samples: int | None = None,
         elimination: Elimination = "half",
         confidence: float = 2.0,
+        selection: Selection = "highest",
     ) -> None:
         if criterion not in ("worst_case", "apgd"):
             raise ConfigurationError(f"criterion must be 'worst_case' or 'apgd', got {criterion!r}.")
@@ -264,6 +327,8 @@ class AlphaSearch:
             raise ConfigurationError(f"elimination must be one of {ELIMINATIONS}, got {elimination!r}.")
         if not confidence >= 0:
             raise ConfigurationError(f"confidence must be >= 0 standard errors, got {confidence}.")
+        if selection not in SELECTIONS:
+            raise ConfigurationError(f"selection must be one of {SELECTIONS}, got {selection!r}.")
         self.alphas = check_alphas(alphas)
         self.eps = float(eps)
         self.norm = norm
@@ -278,6 +343,7 @@ class AlphaSearch:
         self.min_samples = min_samples
         self.elimination = elimination
         self.confidence = float(confidence)
+        self.selection = selection
 
     def tasks(self, alphas: Sequence[float] | None = None) -> list[EvaluationTask]:
         tasks = []
@@ -360,6 +426,8 @@ class AlphaSearch:
             schedule=self.schedule,
             samples_per_alpha={} if self.schedule == "exhaustive" else samples,
             rounds=rounds or [],
+            selection=self.selection,
+            criterion_per_sample={a: self._criterion_per_sample(per_sample[a]) for a in self.alphas},
         )
 
     # ------------------------------------------------------------------------------ successive halving
@@ -393,7 +461,7 @@ class AlphaSearch:
         slack = 100.0 * math.sqrt(discordant + 1) / max(n, 1)
         eligible = drop <= self.max_clean_drop + slack + 1e-9
         row = self._row(per_sample[alpha])
-        column = "worst_case" if self.criterion == "worst_case" else "apgd-ce"
+        column = criterion_column(self.criterion)
         evidence = sum(row[attack] for attack in self.attacks) / max(len(self.attacks), 1)
         return (eligible, row[column], evidence, -alpha)
 
@@ -407,16 +475,10 @@ class AlphaSearch:
     ) -> list[float]:
         """The alphas the evidence so far does not rule out (``elimination="clearly_worse"``).
 
-        Paired comparisons on the samples seen: two alphas that differ on ``d`` of ``n`` samples have an
-        accuracy difference with a standard error of about ``100 * sqrt(d) / n`` points (McNemar). An alpha is
-        dropped when its clean drop against alpha 0 exceeds ``max_clean_drop`` by more than ``confidence``
+        Paired comparisons on the samples seen (:func:`paired_gap`). An alpha is dropped when its clean drop against alpha 0 exceeds ``max_clean_drop`` by more than ``confidence``
         such errors, or when the leader (the best eligible alpha by :meth:`_rank_key`) beats its criterion by
         more than ``confidence`` errors.
         """
-
-        def paired_gap(a: dict[int, bool], b: dict[int, bool]) -> tuple[float, float]:
-            gap, discordant, n = _paired_comparison(a, b)
-            return gap, 100.0 * math.sqrt(discordant) / max(n, 1)
 
         base_clean = per_sample[0.0]["clean"]
         admissible = []

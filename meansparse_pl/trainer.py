@@ -28,6 +28,7 @@ from meansparse_pl.alpha_search import (
     Criterion,
     Elimination,
     Schedule,
+    Selection,
 )
 from meansparse_pl.calibration import StatisticsCollector, _inputs_of
 from meansparse_pl.checkpoint import load_checkpoint, load_weights, safe_load, save_checkpoint
@@ -186,6 +187,7 @@ class MeanSparseTrainer(pl.Trainer):
         write_alpha: bool = True,
         schedule: Schedule = "exhaustive",
         elimination: Elimination = "half",
+        selection: Selection = "highest",
     ) -> None:
         """Choose alpha on the held-out validation split (never the test set) and write it into the checkpoint.
 
@@ -208,6 +210,9 @@ class MeanSparseTrainer(pl.Trainer):
                 dropping alphas early; see benchmarks/README.md for its measured agreement and cost).
             elimination: successive_halving only: half (drop the worse half every round) or clearly_worse
                 (drop only alphas ruled out by two paired standard errors).
+            selection: highest (the highest criterion accuracy) or smallest_within_error (the smallest alpha
+                within one paired standard error of the highest: a more reproducible choice when alphas are
+                within noise of each other).
         """
         search = AlphaSearch(
             alphas,
@@ -221,6 +226,7 @@ class MeanSparseTrainer(pl.Trainer):
             batch_size,
             schedule=schedule,
             elimination=elimination,
+            selection=selection,
         )
         sparse = self._sparse_model(model, checkpoint)
         datamodule.setup("fit")

@@ -365,3 +365,83 @@ def test_clearly_worse_halving_on_a_real_model_keeps_the_exhaustive_numbers():
     for alpha in result.finalists:  # whatever survived was measured exactly as the exhaustive run measures it
         assert result.accuracy[alpha] == exhaustive.accuracy[alpha]
     assert result.suggestion() == exhaustive.suggestion()
+
+
+def _paired_result(correct: dict[float, set[int]], clean: dict[float, float], selection: str, n: int = 100):
+    """A result whose criterion column comes from per-sample sets: alpha -> the samples still correct."""
+    per_sample = {a: {i: i in ok for i in range(n)} for a, ok in correct.items()}
+    accuracy = {
+        a: {"clean": clean[a], "apgd-ce": 100.0 * len(ok) / n, "worst_case": 100.0 * len(ok) / n}
+        for a, ok in correct.items()
+    }
+    return AlphaSearchResult(
+        sorted(correct),
+        ["apgd-ce"],
+        accuracy,
+        "worst_case",
+        0.5,
+        8 / 255,
+        "Linf",
+        n,
+        selection=selection,
+        criterion_per_sample=per_sample,
+    )
+
+
+def test_one_standard_error_rule_on_hand_derived_paired_errors():
+    base = set(range(50))
+    correct = {
+        0.0: base,  # 50%
+        0.2: base | {50, 51, 52},  # 53%
+        0.3: base | {50, 51, 52, 53},  # 54%: the highest
+        0.4: base | set(range(50, 60)),  # 60%, but it loses clean accuracy
+    }
+    clean = {0.0: 90.0, 0.2: 90.0, 0.3: 89.8, 0.4: 88.0}
+    highest = _paired_result(correct, clean, "highest")
+    within = _paired_result(correct, clean, "smallest_within_error")
+    assert highest.suggestion() == 0.3
+    # 0.2 vs 0.3: 1 point apart, they differ on 1 of 100 samples: standard error 100 * sqrt(1) / 100 = 1 point
+    assert within.gap_to(0.3, 0.2) == pytest.approx((1.0, 1.0))
+    # 0 vs 0.3: 4 points apart on 4 discordant samples: error 2 points, so 0 is measurably worse
+    assert within.gap_to(0.3, 0.0) == pytest.approx((4.0, 2.0))
+    assert within.suggestion() == 0.2
+    assert (
+        "within one paired standard error" in within.table() and "alpha 0.2 is 1.00 points" in within.table()
+    )
+    data = within.to_json()
+    assert data["suggestion"] == 0.2 and data["highest_eligible"] == 0.3
+    assert data["selection"] == "smallest_within_error"
+    # 0.2 reaching its 53% by other samples disagrees with 0.3 on 10 + 13 + 4 = 27 samples: error 5.2 points
+    scattered = {**correct, 0.2: (base - set(range(10))) | set(range(60, 73))}
+    result = _paired_result(scattered, clean, "smallest_within_error")
+    assert result.gap_to(0.3, 0.2) == pytest.approx((1.0, 27**0.5))
+    # ... and then 0 (4 points below, error 2) is still ruled out while 0.2 is not
+    assert result.suggestion() == 0.2
+    # with 0 as good as the best within its error, the base model is the answer
+    close = {**correct, 0.0: base | {50, 51, 52}, 0.2: base | {50, 51, 52}}
+    assert _paired_result(close, clean, "smallest_within_error").suggestion() == 0.0
+
+
+def test_one_standard_error_rule_needs_per_sample_results():
+    result = _result({0.0: (90.0, 50.0, 48.0), 0.2: (89.6, 53.0, 49.5)})
+    result.selection = "smallest_within_error"
+    with pytest.raises(ConfigurationError, match="per-sample"):
+        result.suggestion()
+    with pytest.raises(ConfigurationError, match="selection"):
+        AlphaSearch(selection="best")
+
+
+def test_real_search_keeps_the_per_sample_evidence_of_its_table():
+    sparse, data = _tiny_sparse_model()
+    result = AlphaSearch(
+        alphas=[0, 0.3, 1.0], eps=0.03, n_iter=4, batch_size=16, selection="smallest_within_error"
+    ).run(sparse, data)
+    for alpha in result.alphas:
+        per_sample = result.criterion_per_sample[alpha]
+        assert sorted(per_sample) == list(range(len(data)))
+        assert 100.0 * sum(per_sample.values()) / len(data) == pytest.approx(
+            result.accuracy[alpha]["worst_case"]
+        )
+    chosen, best = result.suggestion(), result.best_eligible()
+    gap, error = result.gap_to(best, chosen)
+    assert chosen <= best and gap <= error + 1e-9

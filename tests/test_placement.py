@@ -373,7 +373,7 @@ def test_describe_lists_every_site(factory):
         cells = [c.strip() for c in row.strip("|").split("|")]
         assert cells[0] == str(site.index)
         assert cells[1] == (site.module_path or "(root)")
-        assert cells[2] == site.call
+        assert cells[2] == site.call + (" (fused)" if site.fused_activation else "")
         assert cells[3] == str(site.channel_dim) and cells[4] == str(site.num_channels)
         assert cells[6] == "0.25"
         assert cells[7] == "yes"

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import collections
 import copy
+import dataclasses
 import importlib.util
 
 import pytest
@@ -353,7 +354,11 @@ def test_records_without_preset_or_site_kind_still_load():
     placement = Placement.from_dict(old)
     assert placement.preset == "activations" and placement.sites[0].kind == "activation"
     rebuilt = sparsify_like(ConvReLU(), placement)
-    assert placement_of(rebuilt).sites == placement.sites
+    # the old record predates activation fusion: the rebuilt sites say which ReLU the operator took over
+    assert [s.fused_activation for s in placement_of(rebuilt).sites] == ["relu"]
+    assert [
+        dataclasses.replace(s, fused_activation="") for s in placement_of(rebuilt).sites
+    ] == placement.sites
 
 
 class ConvReLU(nn.Module):
