@@ -12,7 +12,11 @@ Measured (wall time, one process, 1 intra-op thread by default, see ``--threads`
    on the same subset; whether they choose the same alpha, the wall-time ratio and the fraction of
    sample-alpha evaluations.
    ``regret``: the exhaustive search's worst-case accuracy of its own choice minus that of the halving
-   choice (0 when they agree; a near-tie otherwise shows as a fraction of a point).
+   choice (0 when they agree; a near-tie otherwise shows as a fraction of a point). A second exhaustive
+   search on the same subset with other attack random starts shows whether the exhaustive choice itself is
+   reproducible. Both selection rules (``highest``, ``smallest_within_error``) are read off the same runs.
+   With ``--reference-samples N``: an exhaustive search on N held-out images (twice, two sets of random
+   starts) is the reference; each schedule's choice on the small subsets is scored against its choice.
 2. ``9 independent evaluations``: for each of the 9 paper alphas, re-calibrate the statistics and evaluate
    that alpha (clean + the three search attacks) — what a sweep that treats each alpha as a separate model
    costs; against ``one calibration + the search`` (statistics once, per alpha only the evaluation; the
@@ -140,6 +144,13 @@ def main() -> None:
         help="successive halving's drop rule",
     )
     parser.add_argument("--skip-independent", action="store_true", help="skip the 9-evaluations comparison")
+    parser.add_argument(
+        "--reference-samples",
+        type=int,
+        default=0,
+        help="also run an exhaustive search on this many held-out images (twice) and score both schedules "
+        "against its choice",
+    )
     parser.add_argument("--json", default=None, help="also write the results to this file")
     args = parser.parse_args()
 
@@ -172,6 +183,36 @@ def main() -> None:
     AlphaSearch(alphas=[0.0, 0.25], eps=args.eps, n_iter=1, batch_size=args.batch_size).run(
         model, warm, trainer=trainer
     )
+
+    # 0. optional reference: an exhaustive search on many more samples, twice (two sets of random starts); its
+    #    choice is what both schedules on small subsets try to find
+    reference = None
+    if args.reference_samples:
+        order = torch.randperm(len(pool), generator=torch.Generator().manual_seed(999)).tolist()
+        data = Subset(pool, order[: args.reference_samples])
+        start = time.perf_counter()
+        reference, reference_again = (
+            AlphaSearch(alphas=PAPER_ALPHAS, seed=attack_seed, **common).run(model, data, trainer=trainer)
+            for attack_seed in (0, REPEAT_SEED_OFFSET)
+        )
+        print(
+            f"reference: exhaustive search on {len(data)} samples, twice, in {time.perf_counter() - start:.0f} s"
+        )
+        print(reference.table())
+        result["reference"] = {
+            "samples": len(data),
+            "table": {f"{a:g}": reference.accuracy[a] for a in reference.alphas},
+            "table_other_random_starts": {f"{a:g}": reference_again.accuracy[a] for a in reference.alphas},
+        }
+        for rule in SELECTIONS:
+            result["reference"][rule] = {
+                "alpha": choice(reference, rule),
+                "alpha_other_random_starts": choice(reference_again, rule),
+            }
+            print(
+                f"reference choice, {rule}: {choice(reference, rule):g} (other random starts: "
+                f"{choice(reference_again, rule):g})"
+            )
 
     # 1. successive halving vs exhaustive, per seed (alternating which runs first), plus a second exhaustive
     #    search on the same subset with other attack random starts: is the exhaustive choice reproducible?
@@ -218,6 +259,15 @@ def main() -> None:
                 "regret": exhaustive.accuracy[chosen["e"]]["worst_case"]
                 - exhaustive.accuracy[chosen["h"]]["worst_case"],
             }
+            if reference is not None:
+                # against the large-sample search: does each schedule find its alpha, and what does missing it
+                # cost by the reference's own numbers (points)?
+                best = choice(reference, rule)
+                for name, key in (("exhaustive", "e"), ("halving", "h")):
+                    row[rule][f"{name}_finds_reference"] = chosen[key] == best
+                    row[rule][f"{name}_regret_vs_reference"] = (
+                        reference.accuracy[best]["worst_case"] - reference.accuracy[chosen[key]]["worst_case"]
+                    )
         rows.append(row)
         print(
             f"seed {seed}: exhaustive {exhaustive_s:.1f} s, successive halving {halving_s:.1f} s "
@@ -280,6 +330,15 @@ def main() -> None:
             f"{statistics.median(r['time_ratio'] for r in rows):.3f}; evaluations "
             f"{100 * statistics.median(r['evaluated_fraction'] for r in rows):.0f}% (target: same choice at <= 40%)"
         )
+        if reference is not None:
+            for name in ("exhaustive", "halving"):
+                found = sum(r[rule][f"{name}_finds_reference"] for r in rows)
+                regrets = [r[rule][f"{name}_regret_vs_reference"] for r in rows]
+                print(
+                    f"{rule}, {name} on {args.held_out} samples: finds the reference alpha "
+                    f"{choice(reference, rule):g} in {found}/{len(rows)} seeds; regret on the reference's numbers: "
+                    f"mean {statistics.mean(regrets):.2f}, max {max(regrets):.2f} points"
+                )
     if calibration_s == calibration_s:  # not NaN
         print(f"(calibration on {args.calibration_images} images: {calibration_s:.1f} s)")
     write_json(args.json, result)

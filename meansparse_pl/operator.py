@@ -598,9 +598,20 @@ class MeanSparse(nn.Module):
         return band.centre, band.threshold
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._forward(x, self.activation)
+
+    def without_activation(self, x: torch.Tensor) -> torch.Tensor:
+        """The operator's own output, without the activation placement may have fused into it (for plots
+        and analyses of the band itself)."""
+        return self._forward(x, None)
+
+    def _forward(self, x: torch.Tensor, activation: FusedActivation | None) -> torch.Tensor:
+        def activate(t: torch.Tensor) -> torch.Tensor:
+            return t if activation is None else activation.fn(t)
+
         if self._observer is not None:
             self._observer(x)
-            return self._activate(x)
+            return activate(x)
         if x.shape[self.channel_dim] != self.num_channels:
             raise ConfigurationError(
                 f"{self.site_name or 'MeanSparse'}: input has {x.shape[self.channel_dim]} channels on dim "
@@ -613,22 +624,19 @@ class MeanSparse(nn.Module):
                 "meansparse_pl.calibrate(model, train_loader) (or `cli.py postprocess`) before using it."
             )
         if self._alpha_value == 0.0:
-            return self._activate(x)
+            return activate(x)
         band = self._band(x)
         if _tracing():  # torch.compile / jit see the plain formula inside an autograd.Function
-            return self._activate(_SPARSIFY_BY_MODE[self.backward_mode].apply(x, band.centre, band.threshold))
+            return activate(_SPARSIFY_BY_MODE[self.backward_mode].apply(x, band.centre, band.threshold))
         fused = _fused_applicable(x) and _canonical(x, self.channel_dim) is not None
         if not (x.requires_grad and torch.is_grad_enabled()):  # inference: no autograd Function needed
-            out = _fused_forward(x, band, self.channel_dim, self.activation) if fused else None
-            return self._activate(_eager_forward(x, band)) if out is None else out
+            out = _fused_forward(x, band, self.channel_dim, activation) if fused else None
+            return activate(_eager_forward(x, band)) if out is None else out
         # With gradients the activation stays a separate autograd op: its backward is then autograd's own in
         # both backward modes (the attack path already costs little next to the backward pass).
         if fused:
-            return self._activate(_FUSED_BY_MODE[self.backward_mode].apply(x, band, self.channel_dim))
-        return self._activate(_SPARSIFY_BY_MODE[self.backward_mode].apply(x, band.centre, band.threshold))
-
-    def _activate(self, x: torch.Tensor) -> torch.Tensor:
-        return x if self.activation is None else self.activation.fn(x)
+            return activate(_FUSED_BY_MODE[self.backward_mode].apply(x, band, self.channel_dim))
+        return activate(_SPARSIFY_BY_MODE[self.backward_mode].apply(x, band.centre, band.threshold))
 
     def extra_repr(self) -> str:
         return (

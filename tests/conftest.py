@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import meansparse_pl.operator as operator_module
+
 
 # ------------------------------------------------------------------------------------------ CNN models
 class FunctionalBlock(nn.Module):
@@ -337,3 +339,21 @@ def _deterministic_seed():
 def image_batches() -> list[torch.Tensor]:
     """Six batches of 8 random 3x8x8 images (48 images)."""
     return make_batches((3, 8, 8), 48, 8, seed=1)
+
+
+@pytest.fixture
+def fused_everywhere(monkeypatch):
+    """Fused kernels for every input size (the default threshold skips the tiny test tensors), and a record
+    of which fused kernels actually ran."""
+    monkeypatch.setattr(operator_module, "FUSED_MIN_NUMEL", 0)
+    calls: list[str] = []
+    original = operator_module._run_compiled
+
+    def recording(fn, *args):
+        calls.append(fn.__name__)
+        return original(fn, *args)
+
+    monkeypatch.setattr(operator_module, "_run_compiled", recording)
+    previous = operator_module.set_fused_kernels(True)
+    yield calls
+    operator_module.set_fused_kernels(previous)

@@ -15,7 +15,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import meansparse_pl.operator as operator_module
 from meansparse_pl import calibrate, set_alpha, sparsify
 from meansparse_pl.operator import backward_mode, fused_kernels, operators
 from meansparse_pl.placement import Placement, describe, placement_of, sparsify_like
@@ -95,26 +94,8 @@ def _activation_calls(model: nn.Module) -> int:
     return count
 
 
-@pytest.fixture
-def large_inputs_fused(monkeypatch):
-    """The fused kernels for the test's small feature maps too (the default size threshold skips them), and a
-    record of the kernels that ran."""
-    monkeypatch.setattr(operator_module, "FUSED_MIN_NUMEL", 0)
-    calls: list[str] = []
-    original = operator_module._run_compiled
-
-    def recording(fn, *args):
-        calls.append(fn.__name__)
-        return original(fn, *args)
-
-    monkeypatch.setattr(operator_module, "_run_compiled", recording)
-    previous = operator_module.set_fused_kernels(True)
-    yield calls
-    operator_module.set_fused_kernels(previous)
-
-
 @pytest.mark.parametrize("kind", KINDS)
-def test_fused_activation_gives_the_separate_calls_values_and_gradients(kind, large_inputs_fused):
+def test_fused_activation_gives_the_separate_calls_values_and_gradients(kind, fused_everywhere):
     fused, separate = _pair(kind)
     assert _activation_calls(fused) == 0 and _activation_calls(separate) == 2
     assert all(site.fused_activation for site in placement_of(fused).sites)
@@ -123,9 +104,9 @@ def test_fused_activation_gives_the_separate_calls_values_and_gradients(kind, la
     x = torch.rand(8, 3, 32, 32)
     with torch.no_grad():
         reference = separate(x)
-        large_inputs_fused.clear()
+        fused_everywhere.clear()
         assert torch.equal(fused(x), reference)
-        assert large_inputs_fused == ["sparsify_then_activate"] * 2  # one pass per site did both
+        assert fused_everywhere == ["sparsify_then_activate"] * 2  # one pass per site did both
         with fused_kernels(False):
             assert torch.equal(fused(x), reference)
     for mode in ("exact", "straight_through"):
@@ -139,7 +120,7 @@ def test_fused_activation_gives_the_separate_calls_values_and_gradients(kind, la
 
 
 @pytest.mark.parametrize("kind", ["nn.ReLU", "nn.ReLU6", "nn.LeakyReLU"])
-def test_fused_operator_matches_a_float64_brute_force(kind, large_inputs_fused):
+def test_fused_operator_matches_a_float64_brute_force(kind, fused_everywhere):
     fused, _ = _pair(kind)
     op = operators(fused)[0]
     captured = {}
@@ -207,7 +188,7 @@ def test_hooked_subclassed_and_smooth_activations_keep_their_calls():
         assert all(op.activation is None for op in operators(model))
 
 
-def test_rebuilt_and_old_placement_records_agree_with_the_fused_model(large_inputs_fused):
+def test_rebuilt_and_old_placement_records_agree_with_the_fused_model(fused_everywhere):
     fused, _ = _pair("nn.ReLU")
     record = placement_of(fused).to_dict()
     assert record["fuse_activations"] is True
@@ -226,3 +207,15 @@ def test_rebuilt_and_old_placement_records_agree_with_the_fused_model(large_inpu
         reference = fused(x)
         for model in (rebuilt, from_old, unfused):
             assert torch.equal(model(x), reference)
+
+
+def test_without_activation_gives_the_operator_output_alone(fused_everywhere):
+    fused, separate = _pair("nn.LeakyReLU")
+    x = torch.randn(8, 16, 32, 32)
+    for op_fused, op_separate in zip(operators(fused), operators(separate), strict=True):
+        assert op_separate.activation is None
+        with torch.no_grad():
+            alone = op_fused.without_activation(x)
+            assert torch.equal(alone, op_separate(x))
+            assert torch.equal(op_fused(x), F.leaky_relu(alone, 0.2))
+        assert (alone < 0).any()  # the activation really was left out

@@ -145,9 +145,11 @@ def test_alpha_search_successive_halving_from_the_cli(trained, tmp_path):
     args = [*DATA, *QUIET, *MODEL, f"--checkpoint={checkpoint}", "--alphas=[0, 0.3, 8.0]", "--eps=0.1"]
     args += ["--n_iter=2", "--limit_samples=64", "--batch_size=16", "--write_alpha=false"]
     main(["alpha_search", *args, "--schedule=successive_halving", "--elimination=clearly_worse",
-          f"--output_dir={tmp_path}/halving"])  # fmt: skip
+          "--selection=smallest_within_error", f"--output_dir={tmp_path}/halving"])  # fmt: skip
     result = json.loads((tmp_path / "halving" / "alpha_search.json").read_text())
-    assert result["schedule"] == "successive_halving"
+    assert result["schedule"] == "successive_halving" and result["selection"] == "smallest_within_error"
+    assert result["suggestion"] <= result["highest_eligible"]
+    assert "one-standard-error rule" in (tmp_path / "halving" / "alpha_search.md").read_text()
     # alpha 8 replaces nearly every feature by its channel mean: its clean accuracy collapses, so it is
     # clearly ineligible after the first round and never sees the whole split
     assert result["samples_per_alpha"]["8"] < 64 == result["samples_per_alpha"]["0"]

@@ -32,24 +32,6 @@ def bits(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous().view(INT_OF[t.dtype])
 
 
-@pytest.fixture
-def fused_everywhere(monkeypatch):
-    """Fused kernels for every input size (the default threshold skips the tiny test tensors), and a record
-    of which fused kernels actually ran."""
-    monkeypatch.setattr(operator_module, "FUSED_MIN_NUMEL", 0)
-    calls: list[str] = []
-    original = operator_module._run_compiled
-
-    def recording(fn, *args):
-        calls.append(fn.__name__)
-        return original(fn, *args)
-
-    monkeypatch.setattr(operator_module, "_run_compiled", recording)
-    previous = operator_module.set_fused_kernels(True)
-    yield calls
-    operator_module.set_fused_kernels(previous)
-
-
 def _operator(channels: int, channel_dim: int, alpha: float, seed: int, **kwargs) -> MeanSparse:
     g = torch.Generator().manual_seed(seed)
     op = MeanSparse(channels, channel_dim, alpha=alpha, **kwargs)
