@@ -380,7 +380,11 @@ def _histogram(model: nn.Module, dataset: Dataset, site: int, alpha: float, path
     features = captured[0].movedim(op.channel_dim, -1).reshape(-1, op.num_channels)
     channel = int(torch.argmax(op.var))
     before = features[:, channel]
-    after = op.without_activation(captured[0]).movedim(op.channel_dim, -1).reshape(-1, op.num_channels)[:, channel]
+    after = (
+        op.without_activation(captured[0])
+        .movedim(op.channel_dim, -1)
+        .reshape(-1, op.num_channels)[:, channel]
+    )
     mean = float(op.mean[channel])
     threshold = alpha * float(op.var[channel].sqrt())
     plot_channel_histogram(
