@@ -9,7 +9,8 @@ choice is instead the smallest eligible alpha within one paired standard error o
 
 Two schedules: ``exhaustive`` (every alpha on every held-out sample) and ``successive_halving``: every alpha
 on a small subset, the worse half of the non-zero alphas dropped by the same rule (or, with
-``elimination="clearly_worse"``, only those the paired evidence rules out), the subset doubled, and so on until the survivors are evaluated on the whole split. Alpha 0 stays in every round (it is the reference of
+``elimination="clearly_worse"``, only those the paired evidence rules out), the subset doubled, and so on
+until the survivors are evaluated on the whole split. Alpha 0 stays in every round (it is the reference of
 the clean-accuracy drop and a valid answer). The subsets are nested prefixes of one seeded permutation of
 the split and every round evaluates only the samples that are new to it, with the attack seeds the full run
 over that permutation would use: where the round sizes are whole batches, the finalists' numbers are exactly
@@ -479,11 +480,11 @@ class AlphaSearch:
     ) -> list[float]:
         """The alphas the evidence so far does not rule out (``elimination="clearly_worse"``).
 
-        Paired comparisons on the samples seen (:func:`paired_gap`). An alpha is dropped when its clean drop against alpha 0 exceeds ``max_clean_drop`` by more than ``confidence``
-        such errors, or when the leader (the best eligible alpha by :meth:`_rank_key`) beats its criterion by
-        more than ``confidence`` errors.
+        Paired comparisons on the samples seen (:func:`paired_gap`). An alpha is dropped when its clean drop
+        against alpha 0 exceeds ``max_clean_drop`` by more than ``confidence`` standard errors, or when the
+        leader (the best eligible alpha by :meth:`_rank_key`) beats its criterion by more than ``confidence``
+        errors.
         """
-
         base_clean = per_sample[0.0]["clean"]
         admissible = []
         for alpha in alphas:

@@ -57,6 +57,20 @@ BACKWARD_MODES: tuple[str, ...] = ("exact", "straight_through")
 CENTRES: tuple[str, ...] = ("channel_mean", "zero", "global_mean")
 
 
+# ------------------------------------------------------------------------------------------- the formula
+def _inside_band(x: torch.Tensor, centre: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+    """``|x - centre| < threshold``, strict, as the published modules compute it: the one band test that every
+    path (eager, autograd Functions, fused kernels) uses. The difference is a fresh tensor, so ``abs_`` is safe."""
+    return (x - centre).abs_() < threshold
+
+
+def _band_select(
+    x: torch.Tensor, centre: torch.Tensor, threshold: torch.Tensor, centre_out: torch.Tensor
+) -> torch.Tensor:
+    """The operator's output: ``centre_out`` inside the band, ``x`` elsewhere."""
+    return torch.where(_inside_band(x, centre, threshold), centre_out, x)
+
+
 # ------------------------------------------------------------------------------------------- eager path
 class _ExactSparsify(torch.autograd.Function):
     """where(|x - centre| < threshold, centre, x) with the true gradient: zero inside the band.
@@ -67,7 +81,7 @@ class _ExactSparsify(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, centre: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
-        inside_band = (x - centre).abs_() < threshold
+        inside_band = _inside_band(x, centre, threshold)
         ctx.save_for_backward(inside_band)
         return torch.where(inside_band, centre.to(x.dtype), x)
 
@@ -82,7 +96,7 @@ class _StraightThroughSparsify(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, centre: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
-        return torch.where((x - centre).abs_() < threshold, centre.to(x.dtype), x)
+        return _band_select(x, centre, threshold, centre.to(x.dtype))
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
@@ -133,8 +147,8 @@ def _sparsify_kernel(
     centre_out: torch.Tensor,
     out: torch.Tensor,
 ) -> None:
-    # exactly the eager formula: the difference, its magnitude and the strict comparison in the promoted dtype
-    out.copy_(torch.where((x - centre).abs() < threshold, centre_out, x))
+    # the eager formula itself, in the promoted dtype: the compiled values are bit-identical to the eager ones
+    out.copy_(_band_select(x, centre, threshold, centre_out))
 
 
 def _make_sparsify_activate_kernel(activation: Callable[[torch.Tensor], torch.Tensor]) -> Callable:
@@ -146,9 +160,13 @@ def _make_sparsify_activate_kernel(activation: Callable[[torch.Tensor], torch.Te
         out: torch.Tensor,
     ) -> None:
         # the eager formula, then the activation the operator stands in front of, in the same pass
-        out.copy_(activation(torch.where((x - centre).abs() < threshold, centre_out, x)))
+        out.copy_(activation(_band_select(x, centre, threshold, centre_out)))
 
     return sparsify_then_activate
+
+
+def _identity(t: torch.Tensor) -> torch.Tensor:
+    return t
 
 
 class FusedActivation(NamedTuple):
@@ -160,6 +178,13 @@ class FusedActivation(NamedTuple):
 
     name: str  # e.g. "relu", "leaky_relu(negative_slope=0.1)"; also the compiled kernel's cache key
     fn: Callable[[torch.Tensor], torch.Tensor]
+
+
+FUSABLE_ACTIVATIONS: dict[str, Callable[..., torch.Tensor]] = {
+    "relu": torch.nn.functional.relu,
+    "relu6": torch.nn.functional.relu6,
+    "leaky_relu": torch.nn.functional.leaky_relu,
+}
 
 
 def fusable_activation(name: str, **kwargs: float) -> FusedActivation:
@@ -175,11 +200,6 @@ def fusable_activation(name: str, **kwargs: float) -> FusedActivation:
     return FusedActivation(f"{name}({arguments})", functools.partial(function, **kwargs))
 
 
-FUSABLE_ACTIVATIONS: dict[str, Callable[..., torch.Tensor]] = {
-    "relu": torch.nn.functional.relu,
-    "relu6": torch.nn.functional.relu6,
-    "leaky_relu": torch.nn.functional.leaky_relu,
-}
 _SPARSIFY_ACTIVATE_KERNELS: dict[str, Callable] = {}
 
 
@@ -193,7 +213,7 @@ def _sparsify_activate_kernel(activation: FusedActivation) -> Callable:
 def _exact_grad_kernel(
     x: torch.Tensor, centre: torch.Tensor, threshold: torch.Tensor, grad: torch.Tensor, out: torch.Tensor
 ) -> None:
-    out.copy_(torch.where((x - centre).abs() < threshold, 0.0, grad))
+    out.copy_(torch.where(_inside_band(x, centre, threshold), 0.0, grad))
 
 
 def _compile(fn: Callable, variant: tuple) -> Callable:
@@ -358,7 +378,7 @@ def _fused_forward(
 
 
 def _eager_forward(x: torch.Tensor, band: _Band) -> torch.Tensor:
-    return torch.where((x - band.centre).abs_() < band.threshold, band.centre_out, x)
+    return _band_select(x, band.centre, band.threshold, band.centre_out)
 
 
 class _FusedExactSparsify(torch.autograd.Function):
@@ -370,7 +390,7 @@ class _FusedExactSparsify(torch.autograd.Function):
         ctx.band, ctx.channel_dim = band, channel_dim
         out = _fused_forward(x, band, channel_dim)
         if out is None:  # the kernel failed: the eager formula with a saved mask
-            inside_band = (x - band.centre).abs_() < band.threshold
+            inside_band = _inside_band(x, band.centre, band.threshold)
             ctx.save_for_backward(inside_band)
             ctx.fused = False
             return torch.where(inside_band, band.centre_out, x)
@@ -402,7 +422,7 @@ class _FusedExactSparsify(torch.autograd.Function):
             )
             if ok:
                 return grad_input, None, None
-        inside_band = (x - band.centre).abs() < band.threshold
+        inside_band = _inside_band(x, band.centre, band.threshold)
         return grad_output.masked_fill(inside_band, 0), None, None
 
 
@@ -606,9 +626,7 @@ class MeanSparse(nn.Module):
         return self._forward(x, None)
 
     def _forward(self, x: torch.Tensor, activation: FusedActivation | None) -> torch.Tensor:
-        def activate(t: torch.Tensor) -> torch.Tensor:
-            return t if activation is None else activation.fn(t)
-
+        activate = _identity if activation is None else activation.fn
         if self._observer is not None:
             self._observer(x)
             return activate(x)
