@@ -26,7 +26,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 from torchmetrics import CatMetric
 
 from meansparse_pl.attacks.evaluation import worst_case as worst_case_of_tensors
@@ -103,8 +103,19 @@ class ResumeState:
             atomic_torch_save({"fingerprint": self.fingerprint, "results": self.results}, self.path)
 
 
-def fingerprint_of(model: nn.Module, tasks: Sequence[EvaluationTask], num_samples: int, seed: int) -> str:
-    """Hash of everything that changes the numbers: weights and buffers, tasks, data size, seed."""
+def _selected_indices(dataset: Dataset) -> list[int] | None:
+    """The samples of the underlying data set that a (possibly nested) ``Subset`` selects, in its order."""
+    indices: list[int] | None = None
+    while isinstance(dataset, Subset):
+        outer = [int(i) for i in dataset.indices]
+        indices = outer if indices is None else [outer[i] for i in indices]
+        dataset = dataset.dataset
+    return indices
+
+
+def fingerprint_of(model: nn.Module, tasks: Sequence[EvaluationTask], dataset: Dataset, seed: int) -> str:
+    """Hash of everything that changes the numbers: weights and buffers, tasks, which samples in which order
+    (for subsets), data size, seed."""
     digest = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
         if name.endswith(".alpha"):
@@ -114,7 +125,8 @@ def fingerprint_of(model: nn.Module, tasks: Sequence[EvaluationTask], num_sample
         digest.update(f"{name}{tuple(tensor.shape)}{flat.sum().item():.10e}".encode())
         digest.update(flat[:256].cpu().numpy().tobytes())
     spec = [(t.key, t.attack, t.eps, t.norm, sorted(t.options.items()), t.alpha) for t in tasks]
-    digest.update(json.dumps([spec, num_samples, seed], default=str).encode())
+    num_samples = len(dataset)  # type: ignore[arg-type]
+    digest.update(json.dumps([spec, num_samples, seed, _selected_indices(dataset)], default=str).encode())
     return digest.hexdigest()[:16]
 
 
@@ -249,7 +261,7 @@ def run_tasks(
         seed=seed,
         attack_batch_size=batch_size,
         state_path=state_path,
-        fingerprint=fingerprint_of(model, tasks, len(dataset), seed),  # type: ignore[arg-type]
+        fingerprint=fingerprint_of(model, tasks, dataset, seed),
     )
     try:
         trainer.predict(

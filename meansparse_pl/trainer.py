@@ -188,6 +188,7 @@ class MeanSparseTrainer(pl.Trainer):
         schedule: Schedule = "exhaustive",
         elimination: Elimination = "half",
         selection: Selection = "highest",
+        nonzero_finalists: int = 2,
     ) -> None:
         """Choose alpha on the held-out validation split (never the test set) and write it into the checkpoint.
 
@@ -213,6 +214,8 @@ class MeanSparseTrainer(pl.Trainer):
             selection: highest (the highest criterion accuracy) or smallest_within_error (the smallest alpha
                 within one paired standard error of the highest: a more reproducible choice when alphas are
                 within noise of each other).
+            nonzero_finalists: successive_halving only: the non-zero alphas that reach the final round on
+                every image (default 2).
         """
         search = AlphaSearch(
             alphas,
@@ -227,6 +230,7 @@ class MeanSparseTrainer(pl.Trainer):
             schedule=schedule,
             elimination=elimination,
             selection=selection,
+            nonzero_finalists=nonzero_finalists,
         )
         sparse = self._sparse_model(model, checkpoint)
         datamodule.setup("fit")

@@ -144,6 +144,22 @@ def test_interrupted_search_resumes_to_the_same_result(tmp_path):
     assert resumed.accuracy == reference.accuracy
 
 
+def test_resume_state_of_another_sample_order_is_refused(tmp_path):
+    """The exhaustive search visits the split in a seeded order: a state written for another order (or another
+    subset of the same size) must not be resumed, or results would land on the wrong samples."""
+    from torch.utils.data import Subset
+
+    from meansparse_pl.evaluation import EvaluationTask, run_tasks
+
+    sparse, data = _tiny_sparse_model()
+    task = [EvaluationTask("clean", "clean", 0.03)]
+    forward, backward = Subset(data, list(range(len(data)))), Subset(data, list(range(len(data)))[::-1])
+    first = run_tasks(sparse, forward, task, batch_size=16, state_path=tmp_path / "state")
+    assert run_tasks(sparse, forward, task, batch_size=16, state_path=tmp_path / "state") == first
+    with pytest.raises(ConfigurationError, match="belongs to a different run"):
+        run_tasks(sparse, backward, task, batch_size=16, state_path=tmp_path / "state")
+
+
 # ------------------------------------------------------------------------------------ successive halving
 def _uniform(sample: int, salt: int) -> float:
     """A fixed pseudo-uniform number in [0, 1) per sample (no RNG: the truth table is the same everywhere)."""
@@ -192,25 +208,25 @@ def _fake_setup(monkeypatch, n: int = 256):
 
 def test_successive_halving_rounds_samples_and_cost(monkeypatch):
     fake, data = _fake_setup(monkeypatch)
-    search = AlphaSearch(alphas=GRID, eps=0.03, batch_size=32, schedule="successive_halving")
-    assert search.round_sizes(256) == [32, 64, 128, 256]
+    search = AlphaSearch(alphas=GRID, eps=0.03, batch_size=16, schedule="successive_halving")
+    # 8 non-zero alphas halved to the 2 finalists: two halvings, from 1/16 of the split
+    assert search.round_sizes(256) == [16, 32, 256]
     result = search.run(nn.Identity(), data)
     # every round evaluates alpha 0 and only the samples new to it, with the matching seed offset
-    assert [len(c["alphas"]) for c in fake.calls] == [9, 5, 3, 2]
+    assert [len(c["alphas"]) for c in fake.calls] == [9, 5, 3]
     assert all(0.0 in c["alphas"] for c in fake.calls)
-    assert [len(c["ids"]) for c in fake.calls] == [32, 32, 64, 128]
-    assert [c["seed"] for c in fake.calls] == [0, 32, 64, 128]
+    assert [len(c["ids"]) for c in fake.calls] == [16, 16, 224]
+    assert [c["seed"] for c in fake.calls] == [0, 16, 32]
     seen = [i for c in fake.calls for i in c["ids"]]
     assert sorted(seen) == list(range(256))  # nested prefixes of one permutation: no sample twice
-    assert seen[:32] != list(range(32))  # ... of a shuffled order
-    assert [r["samples"] for r in result.rounds] == [32, 64, 128, 256]
-    assert result.rounds[-1]["evaluated"] == [0.0, 0.4]
-    assert result.finalists == [0.0, 0.4]
+    assert seen[:16] != list(range(16))  # ... of a shuffled order
+    assert [r["samples"] for r in result.rounds] == [16, 32, 256]
+    assert len(result.finalists) == 3 and 0.0 in result.finalists and 0.4 in result.finalists
     assert result.samples(0.0) == result.samples(0.4) == 256
-    assert result.samples(0.8) == 32
-    assert result.evaluated_fraction == pytest.approx((9 * 32 + 5 * 32 + 3 * 64 + 2 * 128) / (9 * 256))
+    assert result.samples(0.8) == 16
+    assert result.evaluated_fraction == pytest.approx((9 * 16 + 5 * 16 + 3 * 224) / (9 * 256))
     # the same choice as the exhaustive search, with the finalists' numbers identical to it
-    exhaustive = AlphaSearch(alphas=GRID, eps=0.03, batch_size=32).run(nn.Identity(), data)
+    exhaustive = AlphaSearch(alphas=GRID, eps=0.03, batch_size=16).run(nn.Identity(), data)
     assert exhaustive.suggestion() == result.suggestion() == 0.4
     assert exhaustive.evaluated_fraction == 1.0 and exhaustive.samples_per_alpha == {}
     for alpha in result.finalists:
@@ -218,24 +234,49 @@ def test_successive_halving_rounds_samples_and_cost(monkeypatch):
     # the report says who saw how many samples
     data_json = result.to_json()
     assert data_json["schedule"] == "successive_halving"
-    assert data_json["samples_per_alpha"]["0.8"] == 32 and data_json["samples_per_alpha"]["0.4"] == 256
-    assert "| samples |" in result.table() and "finalists 0, 0.4" in result.table()
+    assert data_json["samples_per_alpha"]["0.8"] == 16 and data_json["samples_per_alpha"]["0.4"] == 256
+    finalists = ", ".join(f"{a:g}" for a in result.finalists)
+    assert "| samples |" in result.table() and f"finalists {finalists}" in result.table()
+
+
+def test_one_nonzero_finalist_halves_down_to_one(monkeypatch):
+    fake, data = _fake_setup(monkeypatch)
+    search = AlphaSearch(
+        alphas=GRID, eps=0.03, batch_size=16, schedule="successive_halving", nonzero_finalists=1
+    )
+    assert search.round_sizes(256) == [16, 32, 64, 256]  # three halvings, from 1/16 of the split
+    result = search.run(nn.Identity(), data)
+    assert [len(c["alphas"]) for c in fake.calls] == [9, 5, 3, 2]
+    # on 64 samples 0.3 and 0.4 are within noise of each other: either may be the last, never an ineligible one
+    assert len(result.finalists) == 2 and result.finalists[0] == 0.0 and result.finalists[1] in (0.3, 0.4)
+    with pytest.raises(ConfigurationError, match="nonzero_finalists must be >= 1"):
+        AlphaSearch(nonzero_finalists=0)
+
+
+def test_rounds_inside_batches_are_announced(monkeypatch):
+    """The first round is a prefix of the first batch; a later round starting inside a batch is not."""
+    _, data = _fake_setup(monkeypatch)
+    with pytest.warns(UserWarning, match=r"rounds start at samples \[16\], inside batches of 32"):
+        AlphaSearch(alphas=GRID, eps=0.03, batch_size=32, schedule="successive_halving").run(
+            nn.Identity(), data
+        )
 
 
 def test_successive_halving_drops_ineligible_alphas_first(monkeypatch):
     """0.5+ have the best robust accuracy but lose 30 clean points: ranked below every eligible alpha."""
     _, data = _fake_setup(monkeypatch)
-    result = AlphaSearch(alphas=GRID, eps=0.03, batch_size=32, schedule="successive_halving").run(
+    result = AlphaSearch(alphas=GRID, eps=0.03, batch_size=16, schedule="successive_halving").run(
         nn.Identity(), data
     )
     assert result.rounds[0]["kept"] == [0.0, 0.1, 0.2, 0.3, 0.4]
-    assert result.rounds[1]["kept"] == [0.0, 0.3, 0.4]
+    assert len(result.rounds[1]["kept"]) == 3 and 0.4 in result.rounds[1]["kept"]
+    assert max(result.rounds[1]["kept"]) == 0.4
 
 
 def test_successive_halving_options(monkeypatch):
     fake, data = _fake_setup(monkeypatch, n=200)
     search = AlphaSearch(
-        alphas=GRID, eps=0.03, batch_size=16, schedule="successive_halving", halving_rounds=1, min_samples=50
+        alphas=GRID, eps=0.03, batch_size=10, schedule="successive_halving", halving_rounds=1, min_samples=50
     )
     assert search.round_sizes(200) == [50, 200]
     result = search.run(nn.Identity(), data)
@@ -263,16 +304,13 @@ def test_bad_halving_settings_are_refused(kwargs, message):
 def test_real_successive_halving_matches_an_exhaustive_run_over_the_same_order():
     """Rounds evaluate only new samples with offset seeds: the finalists' numbers are exactly those of an
     exhaustive search over the permuted split, attacks included."""
-    from torch.utils.data import Subset
-
     sparse, data = _tiny_sparse_model()
     common = {"alphas": [0, 0.3, 1.0], "eps": 0.03, "n_iter": 3, "batch_size": 16, "seed": 5}
-    halving = AlphaSearch(schedule="successive_halving", **common)
+    halving = AlphaSearch(schedule="successive_halving", nonzero_finalists=1, min_samples=16, **common)
     assert halving.round_sizes(len(data)) == [16, 48]
     result = halving.run(sparse, data)
     assert len(result.finalists) == 2 and result.finalists[0] == 0.0
-    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(5)).tolist()
-    exhaustive = AlphaSearch(**common).run(sparse, Subset(data, order))
+    exhaustive = AlphaSearch(**common).run(sparse, data)  # visits the split in the same seeded order
     for alpha in result.finalists:
         assert result.accuracy[alpha] == exhaustive.accuracy[alpha]
     dropped = next(a for a in result.alphas if a not in result.finalists)
@@ -303,6 +341,32 @@ def test_halving_rank_key_uses_slack_and_attack_evidence():
     )
     ranked = sorted([0.1, 0.2, 0.3, 0.4], key=lambda a: search._rank_key(a, per_sample), reverse=True)
     assert ranked == [0.3, 0.2, 0.1, 0.4]
+
+
+def test_halving_keeps_the_leader_then_the_smallest_alphas_within_one_standard_error():
+    """Hand-made per-sample results on 100 samples; paired standard errors worked out by hand."""
+
+    def results(clean: set[int], ce: set[int]) -> dict[str, dict[int, bool]]:
+        return {"clean": {i: i in clean for i in range(100)}, "apgd-ce": {i: i in ce for i in range(100)}}
+
+    everyone = set(range(100))
+    per_sample = {
+        0.0: results(everyone, set(range(50))),
+        # 0.1: 59 robust, one sample fewer than the leader: gap 1 point, SE 100 * sqrt(1) / 100 = 1 -> close
+        0.1: results(everyone, set(range(59))),
+        # 0.2: 56 robust: gap 4, SE 2 -> not close, ranked by accuracy among the rest
+        0.2: results(everyone, set(range(56))),
+        # 0.3: 60 robust, the leader (ties 0.4 and wins on the smaller alpha)
+        0.3: results(everyone, set(range(60))),
+        # 0.4: 60 robust but another set: gap 0, 2 discordant samples, SE 1.41 -> close
+        0.4: results(everyone, set(range(59)) | {70}),
+        # 0.5: the most robust, but 10 clean samples lost: not eligible, so neither leader nor close
+        0.5: results(everyone - set(range(90, 100)), set(range(62))),
+    }
+    search = AlphaSearch(
+        alphas=[0, 0.1, 0.2, 0.3, 0.4, 0.5], attacks=["apgd-ce"], schedule="successive_halving"
+    )
+    assert search._elimination_order([0.1, 0.2, 0.3, 0.4, 0.5], per_sample) == [0.3, 0.1, 0.4, 0.2, 0.5]
 
 
 def test_clearly_worse_elimination_keeps_what_the_evidence_does_not_rule_out():
@@ -353,15 +417,18 @@ def test_clearly_worse_elimination_keeps_what_the_evidence_does_not_rule_out():
 
 
 def test_clearly_worse_halving_on_a_real_model_keeps_the_exhaustive_numbers():
-    from torch.utils.data import Subset
-
     sparse, data = _tiny_sparse_model()
     common = {"alphas": [0, 0.3, 1.0, 3.0], "eps": 0.03, "n_iter": 3, "batch_size": 16, "seed": 5}
-    search = AlphaSearch(schedule="successive_halving", elimination="clearly_worse", min_samples=16, **common)
+    search = AlphaSearch(
+        schedule="successive_halving",
+        elimination="clearly_worse",
+        min_samples=16,
+        nonzero_finalists=1,
+        **common,
+    )
     assert search.round_sizes(len(data)) == [16, 32, 48]  # whole batches: the same seeds as the full run
     result = search.run(sparse, data)
-    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(5)).tolist()
-    exhaustive = AlphaSearch(**common).run(sparse, Subset(data, order))
+    exhaustive = AlphaSearch(**common).run(sparse, data)  # visits the split in the same seeded order
     for alpha in result.finalists:  # whatever survived was measured exactly as the exhaustive run measures it
         assert result.accuracy[alpha] == exhaustive.accuracy[alpha]
     assert result.suggestion() == exhaustive.suggestion()

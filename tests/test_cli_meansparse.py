@@ -144,7 +144,7 @@ def test_alpha_search_successive_halving_from_the_cli(trained, tmp_path):
     checkpoint.write_bytes(trained["sparse"].read_bytes())
     args = [*DATA, *QUIET, *MODEL, f"--checkpoint={checkpoint}", "--alphas=[0, 0.3, 8.0]", "--eps=0.1"]
     args += ["--n_iter=2", "--limit_samples=64", "--batch_size=16", "--write_alpha=false"]
-    main(["alpha_search", *args, "--schedule=successive_halving", "--elimination=clearly_worse",
+    main(["alpha_search", *args, "--schedule=successive_halving", "--elimination=clearly_worse", "--nonzero_finalists=1",
           "--selection=smallest_within_error", f"--output_dir={tmp_path}/halving"])  # fmt: skip
     result = json.loads((tmp_path / "halving" / "alpha_search.json").read_text())
     assert result["schedule"] == "successive_halving" and result["selection"] == "smallest_within_error"
