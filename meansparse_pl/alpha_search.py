@@ -291,9 +291,9 @@ class AlphaSearch:
             more than that (it saves less where the alphas are within noise of each other, and never drops
             an alpha the evidence does not rule out).
         confidence: standard errors for ``clearly_worse`` (default 2).
-        nonzero_finalists: successive halving only: the non-zero alphas that reach the final round on the whole split
-            (default 2). Halving never keeps fewer: on a plateau of near-equal alphas the final round, where the
-            numbers are those of the exhaustive search, then still has a choice to make.
+        nonzero_finalists: successive halving only: the non-zero alphas that reach the final round on the
+            whole split (default 2). Halving never keeps fewer: on a plateau of near-equal alphas the final
+            round, where the numbers are those of the exhaustive search, then still has a choice to make.
         selection: how the final choice is made among the eligible alphas: ``highest`` (default: the highest
             criterion accuracy, the paper's way) or ``smallest_within_error`` (the smallest alpha whose
             criterion accuracy is within one paired standard error of the highest, the one-standard-error
@@ -429,6 +429,7 @@ class AlphaSearch:
     ) -> AlphaSearchResult:
         table: dict[float, dict[str, float]] = {}
         flags = []
+        samples = {a: len(per_sample[a]["clean"]) for a in self.alphas}
         for alpha in self.alphas:
             row = self._row(per_sample[alpha])
             table[alpha] = row
@@ -437,12 +438,17 @@ class AlphaSearch:
                 and "apgd-ce" in row
                 and row["apgd-ce"] - row["bpda-apgd-ce"] > GRADIENT_MASKING_GAP
             ):
+                # an alpha dropped early was measured on a few samples, where one sample is several points
+                seen = (
+                    ""
+                    if samples[alpha] == num_samples
+                    else f" (on {samples[alpha]} of {num_samples} samples)"
+                )
                 flags.append(
-                    f"alpha={alpha:g}: BPDA-APGD-CE accuracy {row['bpda-apgd-ce']:.2f} is more than "
+                    f"alpha={alpha:g}{seen}: BPDA-APGD-CE accuracy {row['bpda-apgd-ce']:.2f} is more than "
                     f"{GRADIENT_MASKING_GAP:g} point below APGD-CE {row['apgd-ce']:.2f}: the operator masks gradients "
                     "here, so APGD-CE alone overstates robustness."
                 )
-        samples = {a: len(per_sample[a]["clean"]) for a in self.alphas}
         return AlphaSearchResult(
             alphas=self.alphas,
             attacks=self.attacks,
@@ -586,10 +592,12 @@ class AlphaSearch:
         # may then differ from an exhaustive run's by attack noise, and with them the choice.
         misaligned = [start for start in pending[:-1] if start % self.batch_size]
         if misaligned:
+            fitting = max(d for d in range(1, min(pending[0], self.batch_size) + 1) if pending[0] % d == 0)
             rank_zero_warn(
                 f"successive halving: rounds start at samples {misaligned}, inside batches of {self.batch_size}; "
                 "their attacks get other random starts than an exhaustive search would use, so the two can "
-                f"disagree by noise. For identical numbers use a batch_size that divides {pending[0]}."
+                f"disagree by noise. For identical numbers use a batch_size that divides {pending[0]} "
+                f"(e.g. {fitting}) in both schedules."
             )
         while pending:
             size = pending.pop(0)
@@ -618,9 +626,8 @@ class AlphaSearch:
                 else:
                     keep = max(self.nonzero_finalists, math.ceil(len(nonzero) / 2))
                     survivors = [0.0, *sorted(self._elimination_order(nonzero, per_sample)[:keep])]
-            if (
-                len(survivors) - 1 <= self.nonzero_finalists
-            ):  # nothing left to drop: straight to the whole split
+            # no more than the finalists left: nothing to drop, straight to the whole split
+            if len(survivors) - 1 <= self.nonzero_finalists:
                 pending = pending[-1:]
             rounds.append({"round": index, "samples": size, "evaluated": evaluated, "kept": list(survivors)})
         return self._result(per_sample, num_samples, rounds)

@@ -256,7 +256,9 @@ def test_one_nonzero_finalist_halves_down_to_one(monkeypatch):
 def test_rounds_inside_batches_are_announced(monkeypatch):
     """The first round is a prefix of the first batch; a later round starting inside a batch is not."""
     _, data = _fake_setup(monkeypatch)
-    with pytest.warns(UserWarning, match=r"rounds start at samples \[16\], inside batches of 32"):
+    with pytest.warns(
+        UserWarning, match=r"rounds start at samples \[16\], inside batches of 32.*\(e.g. 16\)"
+    ):
         AlphaSearch(alphas=GRID, eps=0.03, batch_size=32, schedule="successive_halving").run(
             nn.Identity(), data
         )
@@ -367,6 +369,31 @@ def test_halving_keeps_the_leader_then_the_smallest_alphas_within_one_standard_e
         alphas=[0, 0.1, 0.2, 0.3, 0.4, 0.5], attacks=["apgd-ce"], schedule="successive_halving"
     )
     assert search._elimination_order([0.1, 0.2, 0.3, 0.4, 0.5], per_sample) == [0.3, 0.1, 0.4, 0.2, 0.5]
+
+
+def test_gradient_masking_is_flagged_where_bpda_beats_exact_gradients_by_more_than_a_point():
+    """Hand-made per-sample results: APGD-CE vs BPDA-APGD-CE gaps of 5, exactly 1 and 0 points."""
+
+    def results(n: int, ce: int, bpda: int) -> dict[str, dict[int, bool]]:
+        return {
+            "clean": {i: True for i in range(n)},
+            "apgd-ce": {i: i < ce for i in range(n)},
+            "bpda-apgd-ce": {i: i < bpda for i in range(n)},
+        }
+
+    per_sample = {
+        0.0: results(100, 50, 50),
+        0.1: results(100, 60, 59),  # 1 point: the threshold is "more than one point", not flagged
+        0.2: results(100, 60, 55),  # 5 points: flagged
+        0.3: results(20, 12, 10),  # 10 points, but dropped early: flagged with its sample count
+    }
+    search = AlphaSearch(alphas=[0, 0.1, 0.2, 0.3], attacks=["apgd-ce", "bpda-apgd-ce"])
+    flags = search._result(per_sample, 100).flags
+    assert len(flags) == 2
+    assert flags[0].startswith(
+        "alpha=0.2: BPDA-APGD-CE accuracy 55.00 is more than 1 point below APGD-CE 60.00"
+    )
+    assert flags[1].startswith("alpha=0.3 (on 20 of 100 samples): BPDA-APGD-CE accuracy 50.00")
 
 
 def test_clearly_worse_elimination_keeps_what_the_evidence_does_not_rule_out():
