@@ -394,8 +394,6 @@ class AlphaSearch:
     ) -> AlphaSearchResult:
         """Evaluate the alphas on ``dataset`` (the held-out split, never the test set)."""
         _require_operators(model)
-        if len(dataset) == 0:  # type: ignore[arg-type]
-            raise ConfigurationError("the evaluation data set is empty.")
         if self.schedule == "successive_halving":
             return self._run_successive_halving(model, dataset, trainer, state_path)
         results = run_tasks(
@@ -526,12 +524,13 @@ class AlphaSearch:
         exhaustive choice in 11 of 20 (``highest``) and 15 of 20 (``smallest_within_error``), against 8 and 9
         of 20 for plain ranking down to one finalist, at the same 39% of the evaluations.
         """
-        ranked = sorted(alphas, key=lambda a: self._rank_key(a, per_sample), reverse=True)
+        rank = {alpha: self._rank_key(alpha, per_sample) for alpha in alphas}
+        ranked = sorted(alphas, key=rank.__getitem__, reverse=True)
         leader, others = ranked[0], ranked[1:]
         best = self._criterion_per_sample(per_sample[leader])
         close = []
         for alpha in sorted(others):
-            eligible = self._rank_key(alpha, per_sample)[0]
+            eligible = rank[alpha][0]
             gap, error = paired_gap(best, self._criterion_per_sample(per_sample[alpha]))
             if eligible and gap <= error + 1e-9:
                 close.append(alpha)

@@ -160,6 +160,14 @@ def test_resume_state_of_another_sample_order_is_refused(tmp_path):
         run_tasks(sparse, backward, task, batch_size=16, state_path=tmp_path / "state")
 
 
+@pytest.mark.parametrize("schedule", ["exhaustive", "successive_halving"])
+def test_an_empty_split_is_refused(schedule):
+    sparse, data = _tiny_sparse_model()
+    empty = torch.utils.data.Subset(data, [])
+    with pytest.raises(ConfigurationError, match="the evaluation data set is empty"):
+        AlphaSearch(alphas=[0, 0.3], eps=0.03, schedule=schedule).run(sparse, empty)
+
+
 # ------------------------------------------------------------------------------------ successive halving
 def _uniform(sample: int, salt: int) -> float:
     """A fixed pseudo-uniform number in [0, 1) per sample (no RNG: the truth table is the same everywhere)."""
@@ -345,12 +353,15 @@ def test_halving_rank_key_uses_slack_and_attack_evidence():
     assert ranked == [0.3, 0.2, 0.1, 0.4]
 
 
+def _clean_and_apgd_ce(clean: set[int], ce: set[int], n: int = 100) -> dict[str, dict[int, bool]]:
+    """Hand-made per-sample results: the samples still correct clean and under APGD-CE."""
+    return {"clean": {i: i in clean for i in range(n)}, "apgd-ce": {i: i in ce for i in range(n)}}
+
+
 def test_halving_keeps_the_leader_then_the_smallest_alphas_within_one_standard_error():
     """Hand-made per-sample results on 100 samples; paired standard errors worked out by hand."""
 
-    def results(clean: set[int], ce: set[int]) -> dict[str, dict[int, bool]]:
-        return {"clean": {i: i in clean for i in range(100)}, "apgd-ce": {i: i in ce for i in range(100)}}
-
+    results = _clean_and_apgd_ce
     everyone = set(range(100))
     per_sample = {
         0.0: results(everyone, set(range(50))),
@@ -399,12 +410,7 @@ def test_gradient_masking_is_flagged_where_bpda_beats_exact_gradients_by_more_th
 def test_clearly_worse_elimination_keeps_what_the_evidence_does_not_rule_out():
     """Hand-made per-sample results on 100 samples; standard errors worked out by hand (McNemar)."""
 
-    def column(correct: set[int]) -> dict[int, bool]:
-        return {i: i in correct for i in range(100)}
-
-    def results(clean: set[int], ce: set[int]) -> dict[str, dict[int, bool]]:
-        return {"clean": column(clean), "apgd-ce": column(ce)}
-
+    results = _clean_and_apgd_ce
     everyone = set(range(100))
     per_sample = {
         0.0: results(everyone, set(range(50))),
