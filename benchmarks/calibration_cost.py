@@ -19,6 +19,7 @@ the inductor import) are reported separately from the per-pass numbers.
 
     .venv/bin/python benchmarks/calibration_cost.py                 # 512 images, batch 128, 5 repeats
     .venv/bin/python benchmarks/calibration_cost.py --images 1024 --repeats 7
+    .venv/bin/python benchmarks/calibration_cost.py --model torchvision:resnet18 --cifar-stem  # in-place ReLUs
 """
 
 from __future__ import annotations
@@ -36,12 +37,13 @@ import time
 
 import torch
 from common import describe_machine, interleaved, machine, summarize, table, write_json
+from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import meansparse_pl.statistics as statistics_module
 from meansparse_pl import calibrate, sparsify
 from meansparse_pl.models import create_model
-from meansparse_pl.operator import fused_kernels
+from meansparse_pl.ops import fused_kernels
 from meansparse_pl.statistics import Moments
 
 
@@ -68,10 +70,21 @@ def original_statistics():
         statistics_module.batch_moments = current
 
 
+def cifar_stem(model: nn.Module) -> nn.Module:
+    """A torchvision ResNet with the CIFAR stem (3x3 stride-1 first convolution, no max-pool), as users adapt
+    it to 32x32 images; its ReLUs stay torchvision's own: in place, and reused within each block."""
+    model.conv1 = nn.Conv2d(3, model.conv1.out_channels, 3, 1, 1, bias=False)
+    model.maxpool = nn.Identity()
+    return model
+
+
 def build(args: argparse.Namespace):
     torch.manual_seed(0)
     shape = (3, args.image_size, args.image_size)
-    base = create_model(args.model, num_classes=10).eval()
+    base = create_model(args.model, num_classes=10)
+    if args.cifar_stem:
+        base = cifar_stem(base)
+    base = base.eval()
     sparse = sparsify(copy.deepcopy(base), torch.rand(2, *shape))
     images = torch.rand(args.images, *shape)
     loader = DataLoader(
@@ -133,11 +146,15 @@ def measure_memory(args: argparse.Namespace) -> dict[str, dict[str, float]]:
         order = ["plain inference", "calibrate"] if repeat % 2 == 0 else ["calibrate", "plain inference"]
         for name in order:
             mode = "plain" if name == "plain inference" else "calibrate"
-            command = [sys.executable, __file__, "--memory-worker", mode] + [
-                f"--{k.replace('_', '-')}={v}"
-                for k, v in vars(args).items()
-                if k in ("model", "images", "batch_size", "image_size", "threads")
-            ]
+            command = (
+                [sys.executable, __file__, "--memory-worker", mode]
+                + [
+                    f"--{k.replace('_', '-')}={v}"
+                    for k, v in vars(args).items()
+                    if k in ("model", "images", "batch_size", "image_size", "threads")
+                ]
+                + (["--cifar-stem"] if args.cifar_stem else [])
+            )
             output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
             samples[name].append(json.loads(output.strip().splitlines()[-1]))
     out = {}
@@ -153,7 +170,10 @@ def measure_memory(args: argparse.Namespace) -> dict[str, dict[str, float]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="resnet18")
+    parser.add_argument(
+        "--model", default="resnet18", help="a registry name, e.g. resnet18 or torchvision:resnet18"
+    )
+    parser.add_argument("--cifar-stem", action="store_true", help="torchvision ResNets: the CIFAR stem")
     parser.add_argument("--images", type=int, default=512)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--image-size", type=int, default=32)

@@ -36,11 +36,11 @@ import torch.nn.functional as F
 from common import describe_machine, interleaved, machine, summarize, table, write_json
 from torch import nn
 
-import meansparse_pl.operator as operator_module
 from meansparse_pl import calibrate, set_alpha, sparsify
 from meansparse_pl.errors import UncalibratedOperatorError
 from meansparse_pl.models import create_model
-from meansparse_pl.operator import _SPARSIFY_BY_MODE, MeanSparse, backward_mode, fused_kernels, operators
+from meansparse_pl.ops import MeanSparse, backward_mode, fused_kernels, kernels, operators
+from meansparse_pl.ops.functions import SPARSIFY_BY_MODE
 
 
 class PublishedMeanSparse(nn.Module):
@@ -68,8 +68,8 @@ class PublishedMeanSparse(nn.Module):
 
 def original_forward(self: MeanSparse, x: torch.Tensor) -> torch.Tensor:
     """MeanSparse.forward before the speed work: band rebuilt per call, always through the autograd Function."""
-    if self._observer is not None:
-        self._observer(x)
+    if self.observer is not None:
+        self.observer(x)
         return x
     if not self.is_calibrated:
         raise UncalibratedOperatorError("uncalibrated")
@@ -80,13 +80,13 @@ def original_forward(self: MeanSparse, x: torch.Tensor) -> torch.Tensor:
     shape[self.channel_dim] = self.num_channels
     dtype = torch.promote_types(x.dtype, self.mean.dtype)
     centre, threshold = self.mean.to(dtype).view(shape), threshold.to(dtype).view(shape)
-    return _SPARSIFY_BY_MODE[self.backward_mode].apply(x, centre, threshold)
+    return SPARSIFY_BY_MODE[self.backward_mode].apply(x, centre, threshold)
 
 
 @contextlib.contextmanager
 def output_reuse(enabled: bool):
-    """Switch the fused kernels' output-memory reuse (``operator._OUTPUTS``) for one measurement."""
-    cache = operator_module._OUTPUTS
+    """Switch the fused kernels' output-memory reuse (``kernels.OUTPUTS``) for one measurement."""
+    cache = kernels.OUTPUTS
     previous = cache.per_geometry
     cache.per_geometry = previous if enabled else 0
     try:

@@ -10,8 +10,6 @@ file that needs it is refused. Lightning checkpoints written by ``Trainer.save_c
 from __future__ import annotations
 
 import os
-import pickle
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +17,9 @@ import torch
 from torch import nn
 
 from meansparse_pl.errors import CheckpointError, MeanSparseError
-from meansparse_pl.io import atomic_torch_save
-from meansparse_pl.operator import get_alpha, operators
+from meansparse_pl.io import atomic_torch_save, load_error_detail, safe_load
+from meansparse_pl.models import create_model
+from meansparse_pl.ops import get_alpha, operators
 from meansparse_pl.placement import Placement, placement_of, sparsify_like
 
 FORMAT = "meansparse_pl.checkpoint/1"
@@ -58,34 +57,6 @@ def save_checkpoint(
         "metadata": metadata or {},
     }
     return atomic_torch_save(payload, path)
-
-
-def safe_load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """``torch.load(weights_only=True)`` with every failure turned into one clear CheckpointError."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"no checkpoint file at {path}; check the path (a directory or a typo?).")
-    try:
-        payload = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as error:
-        text = str(error)
-        if "GLOBAL" not in text and "global" not in text:  # not a refused object: the bytes are not a pickle
-            raise CheckpointError(
-                f"{path} is corrupt or truncated, or not a torch checkpoint (safe loading cannot parse it); "
-                "refusing to load it unsafely: re-create it with torch.save of tensors / state dicts."
-            ) from error
-        refused = next((line.strip() for line in text.splitlines() if "GLOBAL" in line), "")
-        raise CheckpointError(
-            f"{path} needs arbitrary Python objects to load ({refused[:120]}); refusing it for safety: save "
-            "plain tensors / state dicts, or convert it in a trusted environment."
-        ) from error
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as error:
-        raise CheckpointError(
-            f"{path} is corrupt or truncated ({type(error).__name__}); re-download or re-create it."
-        ) from error
-    if not isinstance(payload, dict):
-        raise CheckpointError(f"{path} holds a {type(payload).__name__}, not a checkpoint dictionary.")
-    return payload
 
 
 def _model_state(payload: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -151,12 +122,6 @@ def _load_state(
         ) from error
 
 
-def load_error_detail(error: RuntimeError) -> str:
-    """The informative line of ``load_state_dict``'s error (the first names the class, the second what failed)."""
-    lines = str(error).splitlines()
-    return (lines[1] if len(lines) > 1 else lines[0]).strip()
-
-
 def rebuild_operators(model: nn.Module, record: dict[str, Any]) -> nn.Module:
     """Insert operators into a fresh ``model`` exactly where the checkpoint ``record`` says they were."""
     placement = Placement.from_dict(record["placement"])
@@ -183,6 +148,4 @@ def _build_architecture(architecture: Any, path: str | os.PathLike) -> nn.Module
         raise CheckpointError(
             f"{path} does not record its architecture; pass a fresh model instance: load_checkpoint(path, model)."
         )
-    from meansparse_pl.models import create_model
-
     return create_model(architecture["name"], **dict(architecture.get("kwargs") or {}))

@@ -17,7 +17,7 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,9 +29,12 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchmetrics import CatMetric
 
-from meansparse_pl.attacks.evaluation import worst_case as worst_case_of_tensors
+from meansparse_pl.attacks import run_attack
+from meansparse_pl.config import ThreatModel
 from meansparse_pl.errors import CheckpointError, ConfigurationError
 from meansparse_pl.io import atomic_torch_save
+from meansparse_pl.modes import eval_mode
+from meansparse_pl.ops import MeanSparse, operators, set_alpha
 
 
 class IndexedDataset(Dataset):
@@ -56,16 +59,15 @@ def indexed_loader(dataset: Dataset, batch_size: int, num_workers: int = 0) -> D
 class EvaluationTask:
     """One thing to measure on every sample: an attack (or ``clean``) under one model setting.
 
-    ``key`` names the result (e.g. ``"alpha=0.2/apgd-ce"``); ``prepare`` is applied to the model before the
-    attack runs (e.g. setting alpha), so several settings of the same model share one data pass.
+    ``key`` names the result (e.g. ``"alpha=0.2/apgd-ce"``); ``alpha`` is set on every operator before the
+    attack runs, so several settings of the same model share one data pass.
     """
 
     key: str
     attack: str
-    eps: float
-    norm: str = "Linf"
+    threat: ThreatModel
     options: dict[str, Any] = field(default_factory=dict)
-    alpha: float | None = None  # None: leave the model's alpha as it is
+    alpha: float | None = None  # None: leave the model's alpha (one value, or one per operator) as it is
 
 
 class ResumeState:
@@ -115,16 +117,34 @@ def _selected_indices(dataset: Dataset) -> list[int] | None:
 
 def fingerprint_of(model: nn.Module, tasks: Sequence[EvaluationTask], dataset: Dataset, seed: int) -> str:
     """Hash of everything that changes the numbers: weights and buffers, tasks, which samples in which order
-    (for subsets), data size, seed."""
+    (for subsets), data size, seed.
+
+    The operators' alpha buffers (found by module type, so a parameter that happens to be called ``alpha``,
+    like ``PSSiLU.alpha``, still counts as a weight) are part of each task instead: a task that sets alpha
+    records its value, a task that keeps the model's records the model's values."""
+    operator_alphas = {
+        f"{name}.alpha" if name else "alpha" for name, m in model.named_modules() if isinstance(m, MeanSparse)
+    }
+    model_alphas = [float(op.alpha) for op in operators(model)]
     digest = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
-        if name.endswith(".alpha"):
-            continue  # alpha is part of each task, not of the model identity
+        if name in operator_alphas:
+            continue
         # shape, a prefix and the sum identify a tensor well enough without hashing gigabytes of weights
         flat = tensor.detach().reshape(-1).to(torch.float64)
         digest.update(f"{name}{tuple(tensor.shape)}{flat.sum().item():.10e}".encode())
         digest.update(flat[:256].cpu().numpy().tobytes())
-    spec = [(t.key, t.attack, t.eps, t.norm, sorted(t.options.items()), t.alpha) for t in tasks]
+    spec = [
+        (
+            t.key,
+            t.attack,
+            t.threat.eps,
+            t.threat.norm,
+            sorted(t.options.items()),
+            model_alphas if t.alpha is None else t.alpha,
+        )
+        for t in tasks
+    ]
     num_samples = len(dataset)  # type: ignore[arg-type]
     digest.update(json.dumps([spec, num_samples, seed, _selected_indices(dataset)], default=str).encode())
     return digest.hexdigest()[:16]
@@ -169,9 +189,6 @@ class EvaluationModule(pl.LightningModule):
             metric.reset()
 
     def predict_step(self, batch: Any, batch_idx: int) -> None:
-        from meansparse_pl.attacks import run_attack
-        from meansparse_pl.operator import set_alpha
-
         images, labels, indices = batch
         index_list = [int(i) for i in indices]
         assert self.state is not None
@@ -190,8 +207,8 @@ class EvaluationModule(pl.LightningModule):
                         self.model,
                         images,
                         labels,
-                        eps=task.eps,
-                        norm=task.norm,
+                        eps=task.threat.eps,
+                        norm=task.threat.norm,
                         seed=self.seed + index_list[0],
                         batch_size=self.attack_batch_size,
                         **task.options,
@@ -245,8 +262,6 @@ def run_tasks(
     With a ``trainer`` configured for several devices the data is sharded across its processes and the
     results are gathered on every rank. Restores the model's alpha and train/eval mode afterwards.
     """
-    from meansparse_pl.operator import operators
-
     if trainer is None:
         trainer = _default_trainer()
     if getattr(trainer.predict_loop, "inference_mode", False):
@@ -254,7 +269,6 @@ def run_tasks(
     if len(dataset) == 0:  # type: ignore[arg-type]
         raise ConfigurationError("the evaluation data set is empty.")
     previous_alpha = [(op, float(op.alpha)) for op in operators(model)]
-    was_training = model.training
     module = EvaluationModule(
         model,
         tasks,
@@ -264,14 +278,14 @@ def run_tasks(
         fingerprint=fingerprint_of(model, tasks, dataset, seed),
     )
     try:
-        trainer.predict(
-            module, dataloaders=indexed_loader(dataset, batch_size, num_workers), return_predictions=False
-        )
+        with eval_mode(model):
+            trainer.predict(
+                module, dataloaders=indexed_loader(dataset, batch_size, num_workers), return_predictions=False
+            )
         results = module.gathered()
     finally:
         for op, alpha in previous_alpha:
             op.set_alpha(alpha)
-        model.train(was_training)
     expected = len(dataset)  # type: ignore[arg-type]
     for key, per_sample in results.items():
         if len(per_sample) != expected:
@@ -283,14 +297,3 @@ def run_tasks(
 
 def accuracy(per_sample: dict[int, bool]) -> float:
     return 100.0 * sum(per_sample.values()) / max(len(per_sample), 1)
-
-
-def worst_case(results: Iterable[dict[int, bool]]) -> dict[int, bool]:
-    """Per-sample worst case ("best known") of results keyed by sample index: the dict form of
-    :func:`meansparse_pl.attacks.worst_case`, which holds the rule."""
-    results = list(results)
-    if any(per_sample.keys() != results[0].keys() for per_sample in results[1:]):
-        raise ConfigurationError("the worst case over attacks needs every attack run on the same samples.")
-    indices = list(results[0]) if results else []
-    merged = worst_case_of_tensors([torch.tensor([r[i] for i in indices], dtype=torch.bool) for r in results])
-    return dict(zip(indices, merged.tolist(), strict=True))

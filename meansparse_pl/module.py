@@ -28,35 +28,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from meansparse_pl.attacks import check_eps, check_norm, eval_mode, pgd_perturb, trades_loss
+from meansparse_pl.attacks import pgd_perturb, trades_loss
+from meansparse_pl.checkpoint import placement_record, rebuild_operators
+from meansparse_pl.config import ThreatModel, check_choice, check_number, check_positive_int
 from meansparse_pl.errors import ConfigurationError
 from meansparse_pl.models import create_model
+from meansparse_pl.modes import eval_mode
 
 Objective = Literal["standard", "pgd", "trades"]
 OBJECTIVES: tuple[str, ...] = ("standard", "pgd", "trades")
 OPTIMIZERS: tuple[str, ...] = ("sgd", "adam")
 Normalization = tuple[tuple[float, ...], tuple[float, ...]]
-
-
-def _is_int(value: Any) -> bool:
-    return not isinstance(value, bool) and isinstance(value, int | float) and int(value) == value
-
-
-def _check_positive_int(name: str, value: Any, example: str) -> int:
-    if not _is_int(value) or value < 1:
-        raise ConfigurationError(f"{name} must be an integer >= 1, got {value!r}; {example}.")
-    return int(value)
-
-
-def _check_finite(name: str, value: Any, *, minimum: float, strict: bool, example: str) -> float:
-    value = float(value)
-    ok = value > minimum if strict else value >= minimum
-    if not ok or math.isnan(value) or math.isinf(value):
-        sign = ">" if strict else ">="
-        raise ConfigurationError(
-            f"{name} must be a finite number {sign} {minimum:g}, got {value}; {example}."
-        )
-    return value
 
 
 def _plain_normalization(normalization: Any, in_channels: int) -> Normalization | None:
@@ -151,31 +133,24 @@ class AdversarialClassifier(pl.LightningModule):
             lr_gamma: Learning-rate decay factor at each milestone (paper: 0.1).
         """
         super().__init__()
-        if objective not in OBJECTIVES:
-            raise ConfigurationError(f"objective must be one of {OBJECTIVES}, got {objective!r}.")
-        if optimizer not in OPTIMIZERS:
-            raise ConfigurationError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}.")
-        check_norm(norm)
-        num_classes = _check_positive_int("num_classes", num_classes, "e.g. 10 for CIFAR-10")
+        check_choice("objective", objective, OBJECTIVES)
+        check_choice("optimizer", optimizer, OPTIMIZERS)
+        num_classes = check_positive_int("num_classes", num_classes, "e.g. 10 for CIFAR-10")
         if num_classes < 2:
             raise ConfigurationError(f"num_classes must be >= 2, got {num_classes}.")
-        in_channels = _check_positive_int("in_channels", in_channels, "3 for RGB, 1 for grey images")
+        in_channels = check_positive_int("in_channels", in_channels, "3 for RGB, 1 for grey images")
         # Checked for every objective: validation always runs PGD, even for standard training.
-        eps = check_eps(eps)
-        step_size = _check_finite("step_size", step_size, minimum=0.0, strict=True, example="paper: 0.0078")
-        attack_steps = _check_positive_int("attack_steps", attack_steps, "paper: 10 (PGD-10)")
-        val_attack_steps = _check_positive_int("val_attack_steps", val_attack_steps, "e.g. 10 (PGD-10)")
-        trades_beta = _check_finite(
-            "trades_beta", trades_beta, minimum=0.0, strict=False, example="paper A.5: 0.6"
-        )
-        lr = _check_finite("lr", lr, minimum=0.0, strict=True, example="paper: 0.1 with SGD")
-        momentum = _check_finite("momentum", momentum, minimum=0.0, strict=False, example="paper: 0.9")
-        weight_decay = _check_finite(
-            "weight_decay", weight_decay, minimum=0.0, strict=False, example="paper: 5e-4"
-        )
-        lr_gamma = _check_finite("lr_gamma", lr_gamma, minimum=0.0, strict=True, example="paper: 0.1")
+        threat = ThreatModel(norm, eps)
+        step_size = check_number("step_size", step_size, minimum=0.0, strict=True, hint="paper: 0.0078")
+        attack_steps = check_positive_int("attack_steps", attack_steps, "paper: 10 (PGD-10)")
+        val_attack_steps = check_positive_int("val_attack_steps", val_attack_steps, "e.g. 10 (PGD-10)")
+        trades_beta = check_number("trades_beta", trades_beta, minimum=0.0, hint="paper A.5: 0.6")
+        lr = check_number("lr", lr, minimum=0.0, strict=True, hint="paper: 0.1 with SGD")
+        momentum = check_number("momentum", momentum, minimum=0.0, hint="paper: 0.9")
+        weight_decay = check_number("weight_decay", weight_decay, minimum=0.0, hint="paper: 5e-4")
+        lr_gamma = check_number("lr_gamma", lr_gamma, minimum=0.0, strict=True, hint="paper: 0.1")
         milestones = [
-            _check_positive_int("lr_milestones entry", m, "epochs, e.g. [100, 150]") for m in lr_milestones
+            check_positive_int("lr_milestones entry", m, "epochs, e.g. [100, 150]") for m in lr_milestones
         ]
         if milestones != sorted(set(milestones)):
             raise ConfigurationError(
@@ -193,8 +168,8 @@ class AdversarialClassifier(pl.LightningModule):
                 "in_channels": in_channels,
                 "normalization": _plain_normalization(normalization, in_channels),
                 "objective": objective,
-                "norm": norm,
-                "eps": float(eps),
+                "norm": threat.norm,
+                "eps": threat.eps,
                 "step_size": float(step_size),
                 "attack_steps": int(attack_steps),
                 "random_start": bool(random_start),
@@ -247,8 +222,6 @@ class AdversarialClassifier(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """A sparsified network also saves its placement, so loading can rebuild the operators."""
         if self.model is not None and getattr(self.model, "meansparse_placement", None) is not None:
-            from meansparse_pl.checkpoint import placement_record
-
             checkpoint["meansparse"] = placement_record(self.model, self.architecture())
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -260,8 +233,6 @@ class AdversarialClassifier(pl.LightningModule):
             or getattr(self.model, "meansparse_placement", None) is not None
         ):
             return
-        from meansparse_pl.checkpoint import rebuild_operators
-
         self.model = rebuild_operators(self.model, record)
 
     def configure_model(self) -> None:

@@ -12,9 +12,10 @@ search, calibration and the reports.
 Two ways in, one way out:
 
 * :func:`convert_published` swaps the published modules of a model object (e.g. one built by RobustBench's
-  model zoo) for this package's operators, in place, at the same module paths. The placement is recorded as
-  strategy ``published``, so :func:`~meansparse_pl.checkpoint.save_checkpoint` / ``load_checkpoint`` rebuild
-  it on a fresh instance of the published architecture.
+  model zoo) for this package's operators, in place, at the same module paths (placement strategy
+  ``published``, :mod:`meansparse_pl.placement.published_sites`), so
+  :func:`~meansparse_pl.checkpoint.save_checkpoint` / ``load_checkpoint`` rebuild it on a fresh instance of
+  the published architecture.
 * :func:`load_published_state_dict` loads a published *state dict* into a model sparsified with one of the
   ``published_*`` placement presets on the base architecture (no published module class needed): each
   operator's published key prefix is derived from its site (``docs/published_models.md`` lists them).
@@ -30,7 +31,6 @@ imported operator gets ``count = 1`` (calibrated, count unknown).
 
 from __future__ import annotations
 
-import fnmatch
 import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -38,10 +38,20 @@ from typing import Any
 import torch
 from torch import nn
 
-from meansparse_pl.checkpoint import load_error_detail
-from meansparse_pl.errors import CheckpointError, PlacementError, StatisticsError
-from meansparse_pl.operator import BackwardMode, Centre, MeanSparse
-from meansparse_pl.placement import Placement, Site, _probe_mode, _site_label, placement_of, sparsify
+from meansparse_pl.config import PlacementConfig, placement_config
+from meansparse_pl.errors import CheckpointError, ConfigurationError, StatisticsError
+from meansparse_pl.io import load_error_detail
+from meansparse_pl.ops import BackwardMode, MeanSparse
+from meansparse_pl.placement import Placement, Site, placement_of, sparsify
+from meansparse_pl.placement.published_sites import (
+    IMAGENET,
+    IMAGENET_BUFFERS,
+    IMAGENET_DEFAULTS,
+    PLAIN,
+    PUBLISHED_BUFFERS,
+    find_published_modules,
+    is_published_module,
+)
 
 __all__ = [
     "IMAGENET_BUFFERS",
@@ -54,158 +64,14 @@ __all__ = [
     "published_state_dict",
 ]
 
-PUBLISHED_BUFFERS: tuple[str, ...] = (
-    "running_mean",
-    "running_var",
-    "threshold",
-    "flag_update_statistics",
-    "batch_num",
-)
-IMAGENET_BUFFERS: tuple[str, ...] = ("momentum", "epsilon")
-PLAIN = "MeanSparse"  # the CIFAR / Swin class
-IMAGENET = "MeanSparse_imagenet"
-# the values the published ImageNet class initialises its two unused buffers with
-_IMAGENET_DEFAULTS = {"momentum": 0.1, "epsilon": 1.0e-10}
-
-
-# ------------------------------------------------------------------------------------ published modules
-def is_published_module(module: nn.Module) -> bool:
-    """Whether ``module`` is a published-style MeanSparse module (recognised by its buffers, not its class,
-    because every released architecture file defines its own copy of the class)."""
-    names = set(dict(module.named_buffers(recurse=False)))
-    return (
-        set(PUBLISHED_BUFFERS) <= names
-        and names <= set(PUBLISHED_BUFFERS) | set(IMAGENET_BUFFERS)
-        and not any(True for _ in module.parameters(recurse=False))
-        and not any(True for _ in module.children())
-        and module.running_mean.dim() == 1
-    )
-
-
-def _variant(module: nn.Module) -> str:
-    names = set(dict(module.named_buffers(recurse=False)))
-    return IMAGENET if set(IMAGENET_BUFFERS) <= names else PLAIN
-
-
-def find_published_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """``(path, module)`` of every published-style MeanSparse module, in registration order."""
-    return [(path, m) for path, m in model.named_modules() if path and is_published_module(m)]
-
-
-def _has_statistics(module: nn.Module) -> bool:
-    """A published module never calibrated holds zeros (and ``batch_num == 0``): it is not calibrated."""
-    return bool(float(module.batch_num) > 0 or module.running_mean.any() or module.running_var.any())
-
-
-def _published_layout(variant: str, shape: tuple[int, ...], channels: int) -> int:
-    """The channel axis the published forward uses for an input of ``shape``.
-
-    The CIFAR class reduces over ``(0, 2, 3)``; the Swin class over ``(0, 1)`` of ``(B, L, C)`` tokens; the
-    ImageNet class picks ``(N, C, H, W)`` when ``x.shape[1] == C`` and ``(N, H, W, C)`` otherwise.
-    """
-    if len(shape) <= 2:
-        return 1
-    if len(shape) == 3:
-        return -1
-    if variant == IMAGENET and shape[1] != channels:
-        return -1
-    return 1
-
-
-def published_candidate_sites(
-    model: nn.Module, example_input: torch.Tensor, channel_dims: dict[str, int] | None
-) -> list[tuple[Site, str]]:
-    """Sites of placement strategy ``published``: every published module, in the order a probe forward calls
-    them, with the layout the published forward would use for that input."""
-    modules = find_published_modules(model)
-    if not modules:
-        raise PlacementError(
-            "strategy 'published' found no published-style MeanSparse module (buffers running_mean, "
-            "running_var, threshold, flag_update_statistics, batch_num) in the model."
-        )
-    collecting = [path for path, m in modules if int(m.flag_update_statistics) != 0]
-    if collecting:
-        raise StatisticsError(
-            f"published module {collecting[0]} still has flag_update_statistics set, so every forward would "
-            "change its statistics; set the flag to 0 (finish the published calibration) before converting."
-        )
-    calls: list[tuple[str, nn.Module, tuple[int, ...]]] = []
-    handles = []
-    for path, module in modules:
-
-        def record(m: nn.Module, args: tuple, path: str = path) -> None:
-            calls.append((path, m, tuple(args[0].shape)))
-
-        handles.append(module.register_forward_pre_hook(record))
-    try:
-        with _probe_mode(model), torch.no_grad():
-            model(example_input)
-    finally:
-        for handle in handles:
-            handle.remove()
-    paths = [path for path, _, _ in calls]
-    repeated = next((p for p in paths if paths.count(p) > 1), None)
-    if repeated is not None:
-        raise PlacementError(
-            f"published module {repeated} is called more than once per forward; one operator per module "
-            "cannot reproduce it."
-        )
-    never = [path for path, _ in modules if path not in paths]
-    if never:
-        raise PlacementError(
-            f"published module {never[0]} is not called by a forward with input shape "
-            f"{tuple(example_input.shape)}; give an input the model really uses."
-        )
-    found: list[tuple[Site, str]] = []
-    for path, module, shape in calls:
-        channels = int(module.running_mean.numel())
-        variant = _variant(module)
-        dim = next(
-            (d for pattern, d in (channel_dims or {}).items() if fnmatch.fnmatchcase(path, pattern)),
-            _published_layout(variant, shape, channels),
-        )
-        if shape[dim] != channels:
-            raise PlacementError(
-                f"published module {path} has {channels} channels but its input {shape} has {shape[dim]} on "
-                f"dim {dim}; pass channel_dims={{{path!r}: <axis>}}."
-            )
-        found.append((Site(len(found), path, variant, shape, dim, channels, path, kind="published"), path))
-    return found
-
-
-def install_published_operators(
-    model: nn.Module,
-    candidates: Sequence[tuple[Site, str]],
-    chosen: set[int],
-    centre: Centre,
-    backward_mode: BackwardMode,
-) -> nn.Module:
-    """Replace each chosen published module by a :class:`MeanSparse` holding its statistics and threshold."""
-    for site, path in candidates:
-        if site.index not in chosen:
-            continue
-        old = model.get_submodule(path)
-        op = MeanSparse(site.num_channels, site.channel_dim, float(old.threshold), centre, backward_mode).to(
-            device=old.running_mean.device, dtype=old.running_mean.dtype
-        )
-        op.site_name = _site_label(site)
-        if _has_statistics(old):
-            op.set_statistics(old.running_mean, old.running_var, count=1)
-        parent_path, _, name = path.rpartition(".")
-        setattr(model.get_submodule(parent_path) if parent_path else model, name, op)
-    return model
-
 
 def convert_published(
     model: nn.Module,
     example_input: torch.Tensor | Sequence[int],
+    config: PlacementConfig | None = None,
     *,
-    include: Sequence[str] | None = None,
-    exclude: Sequence[str] | None = None,
-    sites: Sequence[int] | None = None,
-    centre: Centre = "channel_mean",
     backward_mode: BackwardMode = "exact",
-    channel_dims: dict[str, int] | None = None,
+    **options: Any,
 ) -> nn.Module:
     """Swap the published MeanSparse modules of ``model`` for this package's operators, in place.
 
@@ -214,23 +80,24 @@ def convert_published(
         example_input: a batch of the input size the model is used at (or a shape without the batch dim).
             A probe forward records each module's input layout, because the published ImageNet class decides
             its layout at run time from the input shape.
-        include / exclude / sites: convert only some modules (the others keep working as published modules).
-        centre / backward_mode: operator settings (the published forward is ``channel_mean`` / ``exact``).
-        channel_dims: fnmatch pattern on module paths -> channel axis, if the probe rule must be overridden.
+        config: the same :class:`~meansparse_pl.config.PlacementConfig` as ``sparsify`` takes (``options``
+            replace its fields): ``include`` / ``exclude`` / ``sites`` convert only some modules (the others
+            keep working as published modules), ``centre`` the band centre (the published forward uses
+            ``channel_mean``), ``channel_dims`` overrides the probe's layout rule. Its strategy must be
+            ``auto`` or ``published``; its preset is not used (the published modules are the sites).
+        backward_mode: the operators' backward (the published forward is ``exact``).
 
     Returns the same model object with a placement record (strategy ``published``): alpha is each module's
     ``threshold``, statistics are its ``running_mean`` / ``running_var``, unchanged.
     """
+    config = placement_config(config, **options)
+    if config.strategy not in ("auto", "published"):
+        raise ConfigurationError(
+            f"convert_published swaps the published modules (strategy 'published'), got strategy "
+            f"{config.strategy!r}; use sparsify for the other strategies."
+        )
     return sparsify(
-        model,
-        example_input,
-        include=include,
-        exclude=exclude,
-        sites=sites,
-        centre=centre,
-        backward_mode=backward_mode,
-        strategy="published",
-        channel_dims=channel_dims,
+        model, example_input, placement_config(config, strategy="published"), backward_mode=backward_mode
     )
 
 
@@ -295,13 +162,14 @@ def published_names(model: nn.Module) -> dict[str, tuple[str, str]]:
     placement: Placement = placement_of(model)
     if placement.strategy == "published":
         return {s.operator_name: (s.operator_name, s.call) for s in placement.sites}
-    rule = _NAME_RULES.get(placement.preset)
+    config = placement.config
+    rule = _NAME_RULES.get(config.preset)
     if rule is None:
         raise CheckpointError(
-            f"the model was sparsified with preset {placement.preset!r}, which has no published "
+            f"the model was sparsified with preset {config.preset!r}, which has no published "
             f"counterpart; use one of {', '.join(_NAME_RULES)} (or convert_published on a published model)."
         )
-    if placement.include or placement.exclude or placement.site_indices is not None:
+    if config.include or config.exclude or config.sites is not None:
         raise CheckpointError(
             "published names need the complete preset placement; the model was sparsified with include / "
             "exclude / sites rules."
@@ -316,7 +184,7 @@ def published_names(model: nn.Module) -> dict[str, tuple[str, str]]:
         name = name_of(site, ordinal)
         if name is None:
             raise CheckpointError(
-                f"{_site_label(site)} has no counterpart in the published {placement.preset} layout; is this "
+                f"{site.label} has no counterpart in the published {config.preset} layout; is this "
                 "the architecture the published model was built on?"
             )
         names[site.operator_name] = (name, variant)
@@ -404,7 +272,7 @@ def published_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         out[f"{prefix}.flag_update_statistics"] = torch.tensor(0)
         out[f"{prefix}.batch_num"] = torch.tensor(1.0 if op.is_calibrated else 0.0)
         if variant == IMAGENET:
-            for name, value in _IMAGENET_DEFAULTS.items():
+            for name, value in IMAGENET_DEFAULTS.items():
                 out[f"{prefix}.{name}"] = torch.tensor(value)
         skip.update(f"{op_path}.{b}" for b in ("mean", "var", "alpha", "count"))
     for key, value in state.items():

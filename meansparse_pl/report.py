@@ -14,7 +14,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from meansparse_pl.evaluation import accuracy, worst_case
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from meansparse_pl.attacks import worst_case
+from meansparse_pl.errors import ConfigurationError
+from meansparse_pl.evaluation import accuracy
+from meansparse_pl.io import atomic_write
+from meansparse_pl.modes import eval_mode
+from meansparse_pl.ops import operators, set_alpha
 
 # attacks computed from others, per sample: name -> the attacks it ANDs
 COMPOSITE_ATTACKS: dict[str, tuple[str, ...]] = {"apgd-ce+dlr": ("apgd-ce", "apgd-dlr")}
@@ -125,6 +134,17 @@ class RobustnessReport:
         }
 
 
+def atomic_attacks(attacks: Sequence[str]) -> list[str]:
+    """The attacks to run for the report's columns: composites expanded into their parts, in the user's order,
+    each once."""
+    order: list[str] = []
+    for name in attacks:
+        for atomic in COMPOSITE_ATTACKS.get(name, (name,)):
+            if atomic not in order:
+                order.append(atomic)
+    return order
+
+
 def summarise(per_sample: dict[str, dict[int, bool]], attacks: Sequence[str]) -> dict[str, float]:
     """Accuracy per attack (composites ANDed per sample) and the best-known worst case over all of them."""
     out: dict[str, float] = {}
@@ -140,15 +160,13 @@ def summarise(per_sample: dict[str, dict[int, bool]], attacks: Sequence[str]) ->
 def plot_channel_histogram(
     before: Any, after: Any, mean: float, threshold: float, path: str | os.PathLike, title: str
 ) -> str:
-    """Paper Figure 1: one channel's values before and after the operator, with the blocked band shaded."""
-    import matplotlib
+    """Paper Figure 1: one channel's values before and after the operator, with the blocked band shaded.
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    Drawn on a standalone matplotlib ``Figure`` (no pyplot, so the caller's backend and figures are untouched)."""
+    from matplotlib.figure import Figure
 
-    from meansparse_pl.io import atomic_write
-
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharex=True)
+    fig = Figure(figsize=(10, 3.8))
+    axes = fig.subplots(1, 2, sharex=True)
     for ax, values, label in ((axes[0], before, "input of the operator"), (axes[1], after, "output")):
         ax.hist(values, bins=80, color="tab:blue", alpha=0.8)
         ax.axvspan(mean - threshold, mean + threshold, color="tab:red", alpha=0.15, label="blocked band")
@@ -161,5 +179,38 @@ def plot_channel_histogram(
     fig.suptitle(title)
     fig.tight_layout()
     atomic_write(path, lambda handle: fig.savefig(handle, format="png", dpi=120))
-    plt.close(fig)
     return str(path)
+
+
+def channel_histogram(
+    model: nn.Module, dataset: Dataset, site: int, alpha: float, path: str | os.PathLike
+) -> str:
+    """Collect one site's input over up to 256 images and plot its most populated channel before / after."""
+    ops = [op for op in operators(model) if op.site_name.startswith(f"site {site} ")]
+    if not ops:
+        raise ConfigurationError(f"histogram_site {site} is not an operator site; see the placement table.")
+    op = ops[0]
+    captured: list[torch.Tensor] = []
+    handle = op.register_forward_pre_hook(lambda m, args: captured.append(args[0].detach()))
+    images = torch.stack([dataset[i][0] for i in range(min(256, len(dataset)))])  # type: ignore[arg-type]
+    set_alpha(model, alpha)
+    try:
+        with torch.no_grad(), eval_mode(model):
+            model(images.to(op.mean.device))
+    finally:
+        handle.remove()
+    features = captured[0].movedim(op.channel_dim, -1).reshape(-1, op.num_channels)
+    channel = int(torch.argmax(op.var))
+    after = (
+        op.without_activation(captured[0])
+        .movedim(op.channel_dim, -1)
+        .reshape(-1, op.num_channels)[:, channel]
+    )
+    return plot_channel_histogram(
+        features[:, channel].cpu().numpy(),
+        after.detach().cpu().numpy(),
+        float(op.mean[channel]),
+        alpha * float(op.var[channel].sqrt()),
+        path,
+        f"{op.site_name}, channel {channel}, alpha={alpha:g}",
+    )

@@ -5,20 +5,23 @@ parallel update of Chan, Golub & LeVeque (1979). The population variance ``M2 / 
 of the calibration set is what MeanSparse thresholds on; the published code instead averaged per-batch
 variances, which depends on the batch size.
 
-The accumulator is a torchmetrics ``Metric``: its three states are declared once and torchmetrics gathers
-them across processes (``dist_reduce_fx=None`` stacks one copy per process); ``compute`` then merges the
-stacked copies exactly with the same Chan rule.
+The accumulator is a torchmetrics ``Metric`` (:class:`OperatorMoments`): its states are declared once and
+torchmetrics gathers them across processes; ``compute`` merges the stacked copies exactly with the same Chan
+rule. The math (:func:`batch_moments`, :func:`merge_moments`) is a functional layer below it.
 """
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 from torchmetrics import Metric
 
-from meansparse_pl import operator as op_module  # the fused-kernel switch, size threshold and layout mapping
+from meansparse_pl.ops import kernels  # the fused-kernel switch, size threshold and layout mapping
 
 
 @dataclass  # not frozen: torchmetrics post-processes compute() results field by field
@@ -69,15 +72,15 @@ SHIFT_SAMPLE = 256
 
 def _fused_moments(x: Tensor, channel_dim: int) -> tuple[Tensor, Tensor] | None:
     """The compiled CPU kernel for large float inputs; None where it does not apply or cannot compile."""
-    if not (op_module._fused_applicable(x) and not op_module._tracing()):
+    if not (kernels.fused_applicable(x) and not kernels.tracing()):
         return None
-    mapped = op_module._canonical(x, channel_dim)
+    mapped = kernels.canonical(x, channel_dim)
     if mapped is None:
         return None
     x3 = mapped[0]
     head = x3[: -(-SHIFT_SAMPLE // x3.shape[2])]  # ceil(SHIFT_SAMPLE / inner) leading rows
     shift = head.mean(dim=(0, 2), keepdim=True, dtype=torch.float64)
-    ok, result = op_module._run_compiled(_moments_kernel, x3, shift)
+    ok, result = kernels.run_compiled(_moments_kernel, x3, shift)
     return result if ok else None  # type: ignore[return-value]
 
 
@@ -104,36 +107,73 @@ def batch_moments(x: Tensor, channel_dim: int) -> Moments:
     return Moments(count, mean, m2)
 
 
-class ChannelMoments(Metric):
-    """Per-channel moments of one site's input, synchronised across processes by torchmetrics."""
+class OperatorMoments(Metric):
+    """Per-channel moments of every operator's input, and the number of images seen, in float64.
+
+    Declared once, synchronised by torchmetrics: all sites' ``(count, mean, M2)`` are packed into one state
+    (``dist_reduce_fx=None``: one gather stacks every process's copy, and :meth:`compute` merges them with the
+    exact Chan rule), and the image count is a ``"sum"`` state. A whole model's statistics therefore cost two
+    collectives, whatever the number of operators.
+
+    :meth:`update` counts a batch of images; during the forward pass each operator hands its input to
+    :meth:`observer` of its site.
+    """
 
     full_state_update = False
     is_differentiable = False
 
-    def __init__(self, num_channels: int, channel_dim: int = 1, **kwargs) -> None:
+    def __init__(self, channels: Sequence[int], channel_dims: Sequence[int], **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.num_channels = num_channels
-        self.channel_dim = channel_dim
-        # dist_reduce_fx=None: every process's copy is gathered and stacked; compute() merges them exactly.
-        self.add_state("count", torch.zeros((), dtype=torch.float64), dist_reduce_fx=None)
-        self.add_state("mean", torch.zeros(num_channels, dtype=torch.float64), dist_reduce_fx=None)
-        self.add_state("m2", torch.zeros(num_channels, dtype=torch.float64), dist_reduce_fx=None)
+        if len(channels) != len(channel_dims) or not channels:
+            raise ValueError("OperatorMoments needs one channel count and one channel axis per site.")
+        self.channels = [int(c) for c in channels]
+        self.channel_dims = [int(d) for d in channel_dims]
+        self.num_sites = len(self.channels)
+        starts = [0]
+        for c in self.channels:
+            starts.append(starts[-1] + c)
+        self._starts = starts  # channel offsets of each site in the packed mean / M2 blocks
+        size = self.num_sites + 2 * starts[-1]  # [counts | means | M2s]
+        self.add_state("moments", torch.zeros(size, dtype=torch.float64), dist_reduce_fx=None)
+        self.add_state("images", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
 
-    def update(self, x: Tensor) -> None:
-        merged = merge_moments(self._local(), batch_moments(x, self.channel_dim))
-        self.count, self.mean, self.m2 = merged.count, merged.mean, merged.m2
+    def _slices(self, site: int) -> tuple[slice, slice, slice]:
+        s, total = self.num_sites, self._starts[-1]
+        lo, hi = self._starts[site], self._starts[site + 1]
+        return slice(site, site + 1), slice(s + lo, s + hi), slice(s + total + lo, s + total + hi)
 
-    def _local(self) -> Moments:
-        return Moments(self.count, self.mean, self.m2)
+    def _site(self, packed: Tensor, site: int) -> Moments:
+        count, mean, m2 = (packed[..., part] for part in self._slices(site))
+        return Moments(count.reshape(count.shape[:-1]), mean, m2)
 
-    def compute(self) -> Moments:
-        if self.count.dim() == 0:
-            return self._local()
-        # After a distributed sync the states are stacked [world_size, ...]: merge process by process.
-        total = Moments(self.count[0], self.mean[0], self.m2[0])
-        for rank in range(1, self.count.shape[0]):
-            total = merge_moments(total, Moments(self.count[rank], self.mean[rank], self.m2[rank]))
-        return total
+    def update(self, images: Tensor) -> None:
+        """Count one batch of images (call it once per batch, before the forward pass)."""
+        self.images += images.shape[0]
+
+    def observer(self, site: int) -> Callable[[Tensor], None]:
+        """The function operator ``site`` hands its input to while the statistics are collected."""
+        return functools.partial(self._observe, site)
+
+    def _observe(self, site: int, x: Tensor) -> None:
+        merged = merge_moments(self._site(self.moments, site), batch_moments(x, self.channel_dims[site]))
+        count, mean, m2 = self._slices(site)
+        self.moments[count] = merged.count
+        self.moments[mean] = merged.mean
+        self.moments[m2] = merged.m2
+
+    def compute(self) -> tuple[list[Moments], int]:
+        """Every site's moments (merged over processes after a sync) and the number of images."""
+        packed = self.moments
+        if packed.dim() == 1:
+            packed = packed.unsqueeze(0)
+        # after a distributed sync the packed states are stacked [world_size, ...]: merge process by process
+        sites = []
+        for site in range(self.num_sites):
+            total = self._site(packed[0], site)
+            for rank in range(1, packed.shape[0]):
+                total = merge_moments(total, self._site(packed[rank], site))
+            sites.append(total)
+        return sites, int(self.images)
 
     def set_dtype(self, dst_type: torch.dtype) -> Metric:
         # Lightning or the user casting the model to half must never lower the accumulator's precision.

@@ -27,7 +27,7 @@ except ImportError:  # run from a checkout without installing the package
 
 from meansparse_pl.checkpoint import save_checkpoint
 from meansparse_pl.errors import ConfigurationError, MeanSparseError
-from meansparse_pl.operator import get_alpha, operators
+from meansparse_pl.ops import get_alpha, operators
 from meansparse_pl.placement import PRESETS, describe, sparsify
 from meansparse_pl.published import convert_published, find_published_modules
 

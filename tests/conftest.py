@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import meansparse_pl.operator as operator_module
+from meansparse_pl.ops import kernels
 
 
 # ------------------------------------------------------------------------------------------ CNN models
@@ -345,15 +345,15 @@ def image_batches() -> list[torch.Tensor]:
 def fused_everywhere(monkeypatch):
     """Fused kernels for every input size (the default threshold skips the tiny test tensors), and a record
     of which fused kernels actually ran."""
-    monkeypatch.setattr(operator_module, "FUSED_MIN_NUMEL", 0)
+    monkeypatch.setattr(kernels, "FUSED_MIN_NUMEL", 0)
     calls: list[str] = []
-    original = operator_module._run_compiled
+    original = kernels.run_compiled
 
     def recording(fn, *args):
         calls.append(fn.__name__)
         return original(fn, *args)
 
-    monkeypatch.setattr(operator_module, "_run_compiled", recording)
-    previous = operator_module.set_fused_kernels(True)
+    monkeypatch.setattr(kernels, "run_compiled", recording)
+    previous = kernels.set_fused_kernels(True)
     yield calls
-    operator_module.set_fused_kernels(previous)
+    kernels.set_fused_kernels(previous)

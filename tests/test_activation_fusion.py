@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from meansparse_pl import calibrate, set_alpha, sparsify
-from meansparse_pl.operator import backward_mode, fused_kernels, operators
+from meansparse_pl.ops import backward_mode, fused_kernels, operators
 from meansparse_pl.placement import Placement, describe, placement_of, sparsify_like
 
 

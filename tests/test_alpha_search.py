@@ -2,16 +2,28 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
 from meansparse_pl import calibrate, sparsify
-from meansparse_pl.alpha_search import AlphaSearch, AlphaSearchResult, check_alphas
+from meansparse_pl.alpha_search import (
+    SEARCH_ATTACKS,
+    AlphaSearch,
+    AlphaSearchResult,
+    SuccessiveHalving,
+    check_alphas,
+)
+from meansparse_pl.config import AttackConfig, ThreatModel
 from meansparse_pl.errors import ConfigurationError
+
+
+def _search(eps: float = 0.03, n_iter: int | None = None, attacks=SEARCH_ATTACKS, **kwargs) -> AlphaSearch:
+    """An AlphaSearch from the usual test settings: threat model Linf eps, attacks with n_iter iterations."""
+    return AlphaSearch(
+        threat=ThreatModel("Linf", eps), attacks=AttackConfig(names=list(attacks), n_iter=n_iter), **kwargs
+    )
 
 
 def _result(rows: dict[float, tuple[float, float, float]], criterion: str = "worst_case", drop: float = 0.5):
@@ -47,8 +59,9 @@ def test_table_json_and_plot(tmp_path):
     assert "0.2 **(chosen)**" in table and "Rule: highest worst-case" in table
     data = result.to_json()
     assert data["suggestion"] == 0.2 and data["accuracy"]["0.2"]["clean"] == 89.6
-    png = result.plot(tmp_path / "a.png")
-    assert Path(png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    figure = result.plot()
+    figure.savefig(tmp_path / "a.png")
+    assert (tmp_path / "a.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.mark.parametrize("alphas", [[], [0.1, -0.2], [float("nan")], [float("inf")]])
@@ -72,7 +85,7 @@ def test_zero_is_added_and_grid_sorted():
 )
 def test_bad_settings_are_refused(kwargs, message):
     with pytest.raises(ConfigurationError, match=message):
-        AlphaSearch(**kwargs)
+        _search(**kwargs)
 
 
 def _tiny_sparse_model():
@@ -88,7 +101,7 @@ def _tiny_sparse_model():
 
 def test_real_search_is_consistent_and_resumes_to_the_same_numbers(tmp_path):
     sparse, data = _tiny_sparse_model()
-    search = AlphaSearch(alphas=[0, 0.3, 1.0], eps=0.03, n_iter=4, batch_size=16)
+    search = _search(alphas=[0, 0.3, 1.0], eps=0.03, n_iter=4, batch_size=16)
     first = search.run(sparse, data, state_path=tmp_path / "state")
     for alpha in first.alphas:
         row = first.accuracy[alpha]
@@ -101,15 +114,15 @@ def test_real_search_is_consistent_and_resumes_to_the_same_numbers(tmp_path):
     assert first.accuracy[0.0]["bpda-apgd-ce"] == first.accuracy[0.0]["apgd-ce"]
     assert first.accuracy[0.0]["clean"] == pytest.approx(100.0 * 38 / 48)
     # a second run reads every result from the state file (no attack runs) and gives identical numbers
-    import meansparse_pl.attacks as attacks
+    import meansparse_pl.evaluation as evaluation
 
     calls = []
-    original = attacks.run_attack
-    attacks.run_attack = lambda *a, **k: calls.append(a) or original(*a, **k)
+    original = evaluation.run_attack
+    evaluation.run_attack = lambda *a, **k: calls.append(a) or original(*a, **k)
     try:
         again = search.run(sparse, data, state_path=tmp_path / "state")
     finally:
-        attacks.run_attack = original
+        evaluation.run_attack = original
     assert calls == [] and again.accuracy == first.accuracy
     # a different model refuses the old state instead of mixing results
     with torch.no_grad():
@@ -120,9 +133,9 @@ def test_real_search_is_consistent_and_resumes_to_the_same_numbers(tmp_path):
 
 def test_interrupted_search_resumes_to_the_same_result(tmp_path):
     sparse, data = _tiny_sparse_model()
-    search = AlphaSearch(alphas=[0, 0.5], eps=0.03, n_iter=4, batch_size=16)
+    search = _search(alphas=[0, 0.5], eps=0.03, n_iter=4, batch_size=16)
     reference = search.run(sparse, data)
-    import meansparse_pl.attacks as attacks
+    import meansparse_pl.evaluation as attacks
 
     original = attacks.run_attack
     seen = {"n": 0}
@@ -152,7 +165,7 @@ def test_resume_state_of_another_sample_order_is_refused(tmp_path):
     from meansparse_pl.evaluation import EvaluationTask, run_tasks
 
     sparse, data = _tiny_sparse_model()
-    task = [EvaluationTask("clean", "clean", 0.03)]
+    task = [EvaluationTask("clean", "clean", ThreatModel("Linf", 0.03))]
     forward, backward = Subset(data, list(range(len(data)))), Subset(data, list(range(len(data)))[::-1])
     first = run_tasks(sparse, forward, task, batch_size=16, state_path=tmp_path / "state")
     assert run_tasks(sparse, forward, task, batch_size=16, state_path=tmp_path / "state") == first
@@ -160,12 +173,12 @@ def test_resume_state_of_another_sample_order_is_refused(tmp_path):
         run_tasks(sparse, backward, task, batch_size=16, state_path=tmp_path / "state")
 
 
-@pytest.mark.parametrize("schedule", ["exhaustive", "successive_halving"])
+@pytest.mark.parametrize("schedule", [None, SuccessiveHalving()])
 def test_an_empty_split_is_refused(schedule):
     sparse, data = _tiny_sparse_model()
     empty = torch.utils.data.Subset(data, [])
     with pytest.raises(ConfigurationError, match="the evaluation data set is empty"):
-        AlphaSearch(alphas=[0, 0.3], eps=0.03, schedule=schedule).run(sparse, empty)
+        _search(alphas=[0, 0.3], schedule=schedule).run(sparse, empty)
 
 
 # ------------------------------------------------------------------------------------ successive halving
@@ -205,20 +218,20 @@ GRID = [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8]
 
 
 def _fake_setup(monkeypatch, n: int = 256):
-    import meansparse_pl.alpha_search as module
+    from meansparse_pl.alpha_search import schedules, search
 
     fake = _FakeEvaluation()
-    monkeypatch.setattr(module, "run_tasks", fake)
-    monkeypatch.setattr(module, "_require_operators", lambda model: None)
+    monkeypatch.setattr(schedules, "run_tasks", fake)
+    monkeypatch.setattr(search, "require_operators", lambda model: None)
     data = TensorDataset(torch.arange(n, dtype=torch.float32).view(-1, 1), torch.zeros(n, dtype=torch.long))
     return fake, data
 
 
 def test_successive_halving_rounds_samples_and_cost(monkeypatch):
     fake, data = _fake_setup(monkeypatch)
-    search = AlphaSearch(alphas=GRID, eps=0.03, batch_size=16, schedule="successive_halving")
+    search = _search(alphas=GRID, batch_size=16, schedule=SuccessiveHalving())
     # 8 non-zero alphas halved to the 2 finalists: two halvings, from 1/16 of the split
-    assert search.round_sizes(256) == [16, 32, 256]
+    assert search.schedule.round_sizes(search, 256) == [16, 32, 256]
     result = search.run(nn.Identity(), data)
     # every round evaluates alpha 0 and only the samples new to it, with the matching seed offset
     assert [len(c["alphas"]) for c in fake.calls] == [9, 5, 3]
@@ -234,7 +247,7 @@ def test_successive_halving_rounds_samples_and_cost(monkeypatch):
     assert result.samples(0.8) == 16
     assert result.evaluated_fraction == pytest.approx((9 * 16 + 5 * 16 + 3 * 224) / (9 * 256))
     # the same choice as the exhaustive search, with the finalists' numbers identical to it
-    exhaustive = AlphaSearch(alphas=GRID, eps=0.03, batch_size=16).run(nn.Identity(), data)
+    exhaustive = _search(alphas=GRID, batch_size=16).run(nn.Identity(), data)
     assert exhaustive.suggestion() == result.suggestion() == 0.4
     assert exhaustive.evaluated_fraction == 1.0 and exhaustive.samples_per_alpha == {}
     for alpha in result.finalists:
@@ -249,16 +262,19 @@ def test_successive_halving_rounds_samples_and_cost(monkeypatch):
 
 def test_one_nonzero_finalist_halves_down_to_one(monkeypatch):
     fake, data = _fake_setup(monkeypatch)
-    search = AlphaSearch(
-        alphas=GRID, eps=0.03, batch_size=16, schedule="successive_halving", nonzero_finalists=1
-    )
-    assert search.round_sizes(256) == [16, 32, 64, 256]  # three halvings, from 1/16 of the split
+    search = _search(alphas=GRID, batch_size=16, schedule=SuccessiveHalving(nonzero_finalists=1))
+    assert search.schedule.round_sizes(search, 256) == [
+        16,
+        32,
+        64,
+        256,
+    ]  # three halvings, from 1/16 of the split
     result = search.run(nn.Identity(), data)
     assert [len(c["alphas"]) for c in fake.calls] == [9, 5, 3, 2]
     # on 64 samples 0.3 and 0.4 are within noise of each other: either may be the last, never an ineligible one
     assert len(result.finalists) == 2 and result.finalists[0] == 0.0 and result.finalists[1] in (0.3, 0.4)
-    with pytest.raises(ConfigurationError, match="nonzero_finalists must be >= 1"):
-        AlphaSearch(nonzero_finalists=0)
+    with pytest.raises(ConfigurationError, match="nonzero_finalists must be an integer >= 1"):
+        SuccessiveHalving(nonzero_finalists=0)
 
 
 def test_rounds_inside_batches_are_announced(monkeypatch):
@@ -267,17 +283,13 @@ def test_rounds_inside_batches_are_announced(monkeypatch):
     with pytest.warns(
         UserWarning, match=r"rounds start at samples \[16\], inside batches of 32.*\(e.g. 16\)"
     ):
-        AlphaSearch(alphas=GRID, eps=0.03, batch_size=32, schedule="successive_halving").run(
-            nn.Identity(), data
-        )
+        _search(alphas=GRID, batch_size=32, schedule=SuccessiveHalving()).run(nn.Identity(), data)
 
 
 def test_successive_halving_drops_ineligible_alphas_first(monkeypatch):
     """0.5+ have the best robust accuracy but lose 30 clean points: ranked below every eligible alpha."""
     _, data = _fake_setup(monkeypatch)
-    result = AlphaSearch(alphas=GRID, eps=0.03, batch_size=16, schedule="successive_halving").run(
-        nn.Identity(), data
-    )
+    result = _search(alphas=GRID, batch_size=16, schedule=SuccessiveHalving()).run(nn.Identity(), data)
     assert result.rounds[0]["kept"] == [0.0, 0.1, 0.2, 0.3, 0.4]
     assert len(result.rounds[1]["kept"]) == 3 and 0.4 in result.rounds[1]["kept"]
     assert max(result.rounds[1]["kept"]) == 0.4
@@ -285,30 +297,42 @@ def test_successive_halving_drops_ineligible_alphas_first(monkeypatch):
 
 def test_successive_halving_options(monkeypatch):
     fake, data = _fake_setup(monkeypatch, n=200)
-    search = AlphaSearch(
-        alphas=GRID, eps=0.03, batch_size=10, schedule="successive_halving", halving_rounds=1, min_samples=50
-    )
-    assert search.round_sizes(200) == [50, 200]
+    search = _search(alphas=GRID, batch_size=10, schedule=SuccessiveHalving(halving_rounds=1, min_samples=50))
+    assert search.schedule.round_sizes(search, 200) == [50, 200]
     result = search.run(nn.Identity(), data)
     assert [len(c["alphas"]) for c in fake.calls] == [9, 5]  # one halving: 4 non-zero finalists
     assert result.finalists == [0.0, 0.1, 0.2, 0.3, 0.4] and result.suggestion() == 0.4
     # a subset larger than the split, or no halving at all, is the exhaustive search in one round
-    assert AlphaSearch(alphas=GRID, schedule="successive_halving", min_samples=500).round_sizes(200) == [200]
-    assert AlphaSearch(alphas=[0, 0.3], schedule="successive_halving").round_sizes(200) == [200]
+    wide = _search(alphas=GRID, schedule=SuccessiveHalving(min_samples=500))
+    assert wide.schedule.round_sizes(wide, 200) == [200]
+    two = _search(alphas=[0, 0.3], schedule=SuccessiveHalving())
+    assert two.schedule.round_sizes(two, 200) == [200]
 
 
 @pytest.mark.parametrize(
     "kwargs, message",
     [
         ({"schedule": "bandit"}, "schedule"),
-        ({"halving_rounds": -1}, "halving_rounds"),
-        ({"min_samples": 0}, "min_samples"),
+        ({"schedule": SuccessiveHalving}, "schedule"),
         ({"batch_size": 0}, "batch_size"),
     ],
 )
 def test_bad_halving_settings_are_refused(kwargs, message):
     with pytest.raises(ConfigurationError, match=message):
-        AlphaSearch(**kwargs)
+        _search(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"halving_rounds": -1}, "halving_rounds"),
+        ({"min_samples": 0}, "min_samples"),
+        ({"elimination": "all"}, "elimination"),
+    ],
+)
+def test_bad_schedule_settings_are_refused(kwargs, message):
+    with pytest.raises(ConfigurationError, match=message):
+        SuccessiveHalving(**kwargs)
 
 
 def test_real_successive_halving_matches_an_exhaustive_run_over_the_same_order():
@@ -316,11 +340,11 @@ def test_real_successive_halving_matches_an_exhaustive_run_over_the_same_order()
     exhaustive search over the permuted split, attacks included."""
     sparse, data = _tiny_sparse_model()
     common = {"alphas": [0, 0.3, 1.0], "eps": 0.03, "n_iter": 3, "batch_size": 16, "seed": 5}
-    halving = AlphaSearch(schedule="successive_halving", nonzero_finalists=1, min_samples=16, **common)
-    assert halving.round_sizes(len(data)) == [16, 48]
+    halving = _search(schedule=SuccessiveHalving(nonzero_finalists=1, min_samples=16), **common)
+    assert halving.schedule.round_sizes(halving, len(data)) == [16, 48]
     result = halving.run(sparse, data)
     assert len(result.finalists) == 2 and result.finalists[0] == 0.0
-    exhaustive = AlphaSearch(**common).run(sparse, data)  # visits the split in the same seeded order
+    exhaustive = _search(**common).run(sparse, data)  # visits the split in the same seeded order
     for alpha in result.finalists:
         assert result.accuracy[alpha] == exhaustive.accuracy[alpha]
     dropped = next(a for a in result.alphas if a not in result.finalists)
@@ -346,10 +370,12 @@ def test_halving_rank_key_uses_slack_and_attack_evidence():
         # three lost: clearly over the budget, ranked last despite the best robust accuracy
         0.4: results([0, 0, 0, 1, 1, 1, 1, 1], [0, 0, 0, 1, 1, 1, 1, 1], [0, 0, 0, 1, 1, 1, 1, 1]),
     }
-    search = AlphaSearch(
-        alphas=[0, 0.1, 0.2, 0.3, 0.4], attacks=["apgd-ce", "apgd-dlr"], schedule="successive_halving"
+    search = _search(
+        alphas=[0, 0.1, 0.2, 0.3, 0.4], attacks=["apgd-ce", "apgd-dlr"], schedule=SuccessiveHalving()
     )
-    ranked = sorted([0.1, 0.2, 0.3, 0.4], key=lambda a: search._rank_key(a, per_sample), reverse=True)
+    ranked = sorted(
+        [0.1, 0.2, 0.3, 0.4], key=lambda a: search.schedule.rank_key(search, a, per_sample), reverse=True
+    )
     assert ranked == [0.3, 0.2, 0.1, 0.4]
 
 
@@ -376,10 +402,14 @@ def test_halving_keeps_the_leader_then_the_smallest_alphas_within_one_standard_e
         # 0.5: the most robust, but 10 clean samples lost: not eligible, so neither leader nor close
         0.5: results(everyone - set(range(90, 100)), set(range(62))),
     }
-    search = AlphaSearch(
-        alphas=[0, 0.1, 0.2, 0.3, 0.4, 0.5], attacks=["apgd-ce"], schedule="successive_halving"
-    )
-    assert search._elimination_order([0.1, 0.2, 0.3, 0.4, 0.5], per_sample) == [0.3, 0.1, 0.4, 0.2, 0.5]
+    search = _search(alphas=[0, 0.1, 0.2, 0.3, 0.4, 0.5], attacks=["apgd-ce"], schedule=SuccessiveHalving())
+    assert search.schedule.elimination_order(search, [0.1, 0.2, 0.3, 0.4, 0.5], per_sample) == [
+        0.3,
+        0.1,
+        0.4,
+        0.2,
+        0.5,
+    ]
 
 
 def test_gradient_masking_is_flagged_where_bpda_beats_exact_gradients_by_more_than_a_point():
@@ -398,8 +428,8 @@ def test_gradient_masking_is_flagged_where_bpda_beats_exact_gradients_by_more_th
         0.2: results(100, 60, 55),  # 5 points: flagged
         0.3: results(20, 12, 10),  # 10 points, but dropped early: flagged with its sample count
     }
-    search = AlphaSearch(alphas=[0, 0.1, 0.2, 0.3], attacks=["apgd-ce", "bpda-apgd-ce"])
-    flags = search._result(per_sample, 100).flags
+    search = _search(alphas=[0, 0.1, 0.2, 0.3], attacks=["apgd-ce", "bpda-apgd-ce"])
+    flags = search.result(per_sample, 100, search.schedule).flags
     assert len(flags) == 2
     assert flags[0].startswith(
         "alpha=0.2: BPDA-APGD-CE accuracy 55.00 is more than 1 point below APGD-CE 60.00"
@@ -427,41 +457,38 @@ def test_clearly_worse_elimination_keeps_what_the_evidence_does_not_rule_out():
         # 3 discordant (SE 1.73) -> within 2 SE, kept
         0.5: results(everyone - {97, 98, 99}, set(range(57))),
     }
-    search = AlphaSearch(
+    search = _search(
         alphas=[0, 0.1, 0.2, 0.3, 0.4, 0.5],
         attacks=["apgd-ce"],
-        schedule="successive_halving",
-        elimination="clearly_worse",
+        schedule=SuccessiveHalving(elimination="clearly_worse"),
     )
-    assert search._not_clearly_worse([0.1, 0.2, 0.3, 0.4, 0.5], per_sample) == [0.1, 0.2, 0.5]
+    assert search.schedule.not_clearly_worse(search, [0.1, 0.2, 0.3, 0.4, 0.5], per_sample) == [0.1, 0.2, 0.5]
     # at one standard error the near-ties go too
-    strict = AlphaSearch(
+    strict = _search(
         alphas=[0, 0.1, 0.2, 0.3, 0.4, 0.5],
         attacks=["apgd-ce"],
-        schedule="successive_halving",
-        elimination="clearly_worse",
-        confidence=0.5,
+        schedule=SuccessiveHalving(elimination="clearly_worse", confidence=0.5),
     )
-    assert strict._not_clearly_worse([0.1, 0.2, 0.3, 0.4, 0.5], per_sample) == [0.1]
+    assert strict.schedule.not_clearly_worse(strict, [0.1, 0.2, 0.3, 0.4, 0.5], per_sample) == [0.1]
     with pytest.raises(ConfigurationError, match="elimination must be one of"):
-        AlphaSearch(elimination="all")
+        SuccessiveHalving(elimination="all")
     with pytest.raises(ConfigurationError, match="confidence must be >= 0"):
-        AlphaSearch(confidence=-1)
+        SuccessiveHalving(confidence=-1)
 
 
 def test_clearly_worse_halving_on_a_real_model_keeps_the_exhaustive_numbers():
     sparse, data = _tiny_sparse_model()
     common = {"alphas": [0, 0.3, 1.0, 3.0], "eps": 0.03, "n_iter": 3, "batch_size": 16, "seed": 5}
-    search = AlphaSearch(
-        schedule="successive_halving",
-        elimination="clearly_worse",
-        min_samples=16,
-        nonzero_finalists=1,
-        **common,
+    search = _search(
+        schedule=SuccessiveHalving(elimination="clearly_worse", min_samples=16, nonzero_finalists=1), **common
     )
-    assert search.round_sizes(len(data)) == [16, 32, 48]  # whole batches: the same seeds as the full run
+    assert search.schedule.round_sizes(search, len(data)) == [
+        16,
+        32,
+        48,
+    ]  # whole batches: the same seeds as the full run
     result = search.run(sparse, data)
-    exhaustive = AlphaSearch(**common).run(sparse, data)  # visits the split in the same seeded order
+    exhaustive = _search(**common).run(sparse, data)  # visits the split in the same seeded order
     for alpha in result.finalists:  # whatever survived was measured exactly as the exhaustive run measures it
         assert result.accuracy[alpha] == exhaustive.accuracy[alpha]
     assert result.suggestion() == exhaustive.suggestion()
@@ -484,7 +511,7 @@ def _paired_result(correct: dict[float, set[int]], clean: dict[float, float], se
         "Linf",
         n,
         selection=selection,
-        criterion_per_sample=per_sample,
+        per_sample={a: {"clean": {i: True for i in range(n)}, "apgd-ce": v} for a, v in per_sample.items()},
     )
 
 
@@ -528,16 +555,16 @@ def test_one_standard_error_rule_needs_per_sample_results():
     with pytest.raises(ConfigurationError, match="per-sample"):
         result.suggestion()
     with pytest.raises(ConfigurationError, match="selection"):
-        AlphaSearch(selection="best")
+        _search(selection="best")
 
 
 def test_real_search_keeps_the_per_sample_evidence_of_its_table():
     sparse, data = _tiny_sparse_model()
-    result = AlphaSearch(
+    result = _search(
         alphas=[0, 0.3, 1.0], eps=0.03, n_iter=4, batch_size=16, selection="smallest_within_error"
     ).run(sparse, data)
     for alpha in result.alphas:
-        per_sample = result.criterion_per_sample[alpha]
+        per_sample = result.criterion_per_sample(alpha)
         assert sorted(per_sample) == list(range(len(data)))
         assert 100.0 * sum(per_sample.values()) / len(data) == pytest.approx(
             result.accuracy[alpha]["worst_case"]
@@ -545,3 +572,33 @@ def test_real_search_keeps_the_per_sample_evidence_of_its_table():
     chosen, best = result.suggestion(), result.best_eligible()
     gap, error = result.gap_to(best, chosen)
     assert chosen <= best and gap <= error + 1e-9
+
+
+def test_resume_fingerprint_sees_learned_activation_parameters_but_not_operator_alpha():
+    """PSSiLU carries a learned parameter called ``alpha``: it is a weight, so two models differing only there
+    must not share a state file; the operators' alpha is part of each task instead."""
+    from meansparse_pl.evaluation import EvaluationTask, fingerprint_of
+    from meansparse_pl.models.activations import PSSiLU
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), PSSiLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3)).eval()
+    sparse = sparsify(model, (3, 8, 8))
+    calibrate(sparse, [torch.rand(4, 3, 8, 8)], progress=False)
+    data = TensorDataset(torch.rand(4, 3, 8, 8), torch.zeros(4, dtype=torch.long))
+    fixed = [EvaluationTask("a", "clean", ThreatModel("Linf", 0.03), alpha=0.2)]
+    as_is = [EvaluationTask("a", "clean", ThreatModel("Linf", 0.03))]
+    before = (fingerprint_of(sparse, fixed, data, 0), fingerprint_of(sparse, as_is, data, 0))
+    pssilu = next(m for m in sparse.modules() if isinstance(m, PSSiLU))
+    learned = pssilu.alpha.detach().clone()
+    with torch.no_grad():
+        pssilu.alpha.add_(0.05)
+    assert fingerprint_of(sparse, fixed, data, 0) != before[0]
+    with torch.no_grad():
+        pssilu.alpha.copy_(learned)
+    assert (fingerprint_of(sparse, fixed, data, 0), fingerprint_of(sparse, as_is, data, 0)) == before
+    # the operators' alpha: irrelevant where the task sets it, part of the run where the task keeps the model's
+    from meansparse_pl import set_alpha
+
+    set_alpha(sparse, 0.7)
+    assert fingerprint_of(sparse, fixed, data, 0) == before[0]
+    assert fingerprint_of(sparse, as_is, data, 0) != before[1]

@@ -8,13 +8,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from meansparse_pl.attacks import (
-    eval_mode,
     pgd_perturb,
     trades_adversarial,
     trades_loss,
     trades_objective,
 )
 from meansparse_pl.errors import ConfigurationError
+from meansparse_pl.modes import eval_mode
 
 IMAGE_SHAPE = (1, 4, 4)
 DIM = 16
@@ -282,7 +282,7 @@ from meansparse_pl.attacks import (  # noqa: E402
     run_attack,
     worst_case,
 )
-from meansparse_pl.operator import MeanSparse, backward_mode, operators  # noqa: E402
+from meansparse_pl.ops import MeanSparse, backward_mode, operators  # noqa: E402
 
 N_CLASSES = 4
 EPS = 0.04
@@ -419,8 +419,7 @@ def test_worst_case_logic_and_errors():
     with pytest.raises(ConfigurationError):
         worst_case([a, torch.ones(3, dtype=torch.bool)])
     # the reports' form, keyed by dataset index (shards arrive in any order): the same rule
-    from meansparse_pl.evaluation import worst_case as worst_case_by_index
-
+    worst_case_by_index = worst_case  # one function holds the rule for both forms
     keyed = [{7 + 3 * i: bool(v) for i, v in enumerate(t.tolist())} for t in (a, b, c)]
     keyed[1] = dict(reversed(list(keyed[1].items())))
     assert worst_case_by_index(keyed) == {7: False, 10: False, 13: False, 16: True}
@@ -670,3 +669,18 @@ def test_autoattack_agrees_with_torchattacks(classifier):
     assert abs(float(ours.float().mean()) - float(theirs.float().mean())) <= 0.1
     assert float((ours == theirs).float().mean()) >= 0.85
     assert bool((ours <= run_attack("apgd-ce", model, x, y, eps=EPS, seed=0)).all())
+
+
+def test_band_mask_is_the_operators_own_strict_test_on_the_band_edge():
+    """Values exactly on the edge (|z - mean| == alpha * sigma) are kept by the operator (strict <), so the
+    adaptive attack's mask must leave them out too; hand-derived with a threshold of exactly 0.5."""
+    op = MeanSparse(2, channel_dim=1, alpha=0.5)
+    op.set_statistics(torch.tensor([0.0, 1.0]), torch.tensor([1.0, 4.0]), count=10)  # thresholds 0.5 and 1.0
+    z = torch.tensor([[[-0.5, 0.5, 0.25, 0.75, 0.0], [0.0, 2.0, 1.5, 2.5, 1.0]]])  # (1, 2, 5)
+    expected = torch.tensor([[[False, False, True, False, True], [False, False, True, False, True]]])
+    assert torch.equal(band_mask(op, z), expected)
+    with torch.no_grad():
+        replaced = op(z) != z  # where the forward changed the value (the centre itself is replaced by itself)
+    assert torch.equal(replaced, expected & (z != torch.tensor([0.0, 1.0]).view(1, 2, 1)))
+    op.set_alpha(0.0)
+    assert not band_mask(op, z).any()

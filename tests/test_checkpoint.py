@@ -10,8 +10,9 @@ import torchvision
 from torch import nn
 
 from meansparse_pl import calibrate, get_alpha, operators, set_alpha, sparsify
-from meansparse_pl.checkpoint import load_checkpoint, safe_load, save_checkpoint
+from meansparse_pl.checkpoint import load_checkpoint, save_checkpoint
 from meansparse_pl.errors import CheckpointError
+from meansparse_pl.io import safe_load
 from meansparse_pl.models import create_model
 
 

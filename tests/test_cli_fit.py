@@ -17,7 +17,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from meansparse_pl.cli import MeanSparseCLI, main
 from meansparse_pl.data import FashionMNISTDataModule
 from meansparse_pl.module import AdversarialClassifier
-from meansparse_pl.operator import operators
+from meansparse_pl.ops import operators
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "configs" / "fashion_mnist_demo.yaml"
@@ -167,7 +167,7 @@ def test_demo_config_instantiates_with_linked_data_facts(tmp_path):
 @pytest.mark.parametrize(
     ("override", "fragment"),
     [
-        ("--model.eps=-0.1", "eps must be a finite number > 0"),
+        ("--model.eps=-0.1", "eps must be > 0, got -0.1"),
         ("--model.attack_steps=0", "attack_steps must be an integer >= 1"),
         ("--model.backbone=resnet_unknown", "unknown model 'resnet_unknown'"),
     ],
@@ -190,7 +190,7 @@ def test_launcher_prints_no_traceback_for_a_bad_value(tmp_path):
     )
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
-    assert result.stderr.strip().splitlines()[-1].startswith("error: eps must be a finite number > 0")
+    assert result.stderr.strip().splitlines()[-1].startswith("error: eps must be > 0, got 0")
 
 
 # -------------------------------------------------------------------------------------------------- DDP

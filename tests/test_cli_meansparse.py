@@ -125,7 +125,7 @@ def test_postprocess_from_a_lightning_checkpoint_with_limited_batches(trained, t
             f"--output={output}",
             "--alpha=0.2",
             "--trainer.limit_predict_batches=2",
-            "--exclude=['backbone.act3']",
+            "--placement.exclude=['backbone.act3']",
         ]
     )
     sparse = load_checkpoint(output)
@@ -142,9 +142,9 @@ def test_postprocess_from_a_lightning_checkpoint_with_limited_batches(trained, t
 def test_alpha_search_successive_halving_from_the_cli(trained, tmp_path):
     checkpoint = tmp_path / "sparse.pt"
     checkpoint.write_bytes(trained["sparse"].read_bytes())
-    args = [*DATA, *QUIET, *MODEL, f"--checkpoint={checkpoint}", "--alphas=[0, 0.3, 8.0]", "--eps=0.1"]
-    args += ["--n_iter=2", "--limit_samples=64", "--batch_size=16", "--write_alpha=false"]
-    main(["alpha_search", *args, "--schedule=successive_halving", "--elimination=clearly_worse", "--nonzero_finalists=1",
+    args = [*DATA, *QUIET, *MODEL, f"--checkpoint={checkpoint}", "--alphas=[0, 0.3, 8.0]", "--threat.eps=0.1"]
+    args += ["--attacks.n_iter=2", "--limit_samples=64", "--batch_size=16", "--write_alpha=false"]
+    main(["alpha_search", *args, "--schedule=SuccessiveHalving", "--schedule.elimination=clearly_worse", "--schedule.nonzero_finalists=1",
           "--selection=smallest_within_error", f"--output_dir={tmp_path}/halving"])  # fmt: skip
     result = json.loads((tmp_path / "halving" / "alpha_search.json").read_text())
     assert result["schedule"] == "successive_halving" and result["selection"] == "smallest_within_error"
@@ -167,8 +167,8 @@ def test_alpha_search_writes_reports_and_the_chosen_alpha(trained, tmp_path):
             *MODEL,
             f"--checkpoint={checkpoint}",
             "--alphas=[0, 0.3, 2.0]",
-            "--eps=0.1",
-            "--n_iter=2",
+            "--threat.eps=0.1",
+            "--attacks.n_iter=2",
             "--limit_samples=32",
             "--batch_size=32",
             "--max_clean_drop=100",
@@ -207,10 +207,11 @@ def test_evaluate_reports_base_and_meansparse_side_by_side(trained, tmp_path):
             *QUIET,
             *MODEL,
             f"--checkpoint={checkpoint}",
-            "--attacks=[clean, apgd-ce, bpda-apgd-ce]",
-            "--eps=[0.05, 0.1]",
+            "--attacks.names=[clean, apgd-ce, bpda-apgd-ce]",
+            "--threat.eps=0.05",
+            "--extra_eps=[0.1]",
             "--large_eps=0.5",
-            "--attack_options={'apgd-ce': {'n_iter': 3}, 'bpda-apgd-ce': {'n_iter': 3}}",
+            "--attacks.n_iter=3",
             "--limit_samples=32",
             "--batch_size=32",
             f"--output_dir={tmp_path}/ev",
@@ -245,7 +246,7 @@ def test_bad_inputs_are_one_line_errors(trained, tmp_path, capsys):
         ["alpha_search", *base, f"--checkpoint={trained['sparse']}", "--alphas=[0, -0.1]"], capsys
     )
     assert "alpha" in line and "-0.1" in line
-    line = _cli_error(["evaluate", *base, f"--checkpoint={trained['sparse']}", "--eps=[0.0]"], capsys)
+    line = _cli_error(["evaluate", *base, f"--checkpoint={trained['sparse']}", "--threat.eps=0"], capsys)
     assert "eps" in line
     # a plain trained model (no operators) given to alpha_search
     line = _cli_error(["alpha_search", *base, f"--checkpoint={trained['best']}"], capsys)
@@ -317,3 +318,73 @@ def test_imagenet_statistics_configs_parse(config, capsys):
     assert exit_info.value.code == 0
     printed = capsys.readouterr().out
     assert "strategy: ddp" in printed and "precision: bf16-mixed" in printed
+
+
+class _PublishedSmallCNN(torch.nn.Module):
+    """The SmallCNN with a published-style MeanSparse module (the released models' buffer layout) before each of
+    its activations, as the released models carry them."""
+
+    def __init__(self, base: torch.nn.Module) -> None:
+        super().__init__()
+        from test_published import PublishedMeanSparse
+
+        self.base = base
+        self.ms1, self.ms2 = PublishedMeanSparse(8), PublishedMeanSparse(16)
+        self.ms3 = PublishedMeanSparse(32)
+        self.ms3.forward = lambda x: (
+            x
+        )  # the fc feature: the published class reduces over (0, 2, 3); an identity here
+        for ms in (self.ms1, self.ms2, self.ms3):
+            ms.running_var.fill_(1.0)
+            ms.batch_num.fill_(1.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b = self.base.backbone
+        out = b.pool1(b.act1(self.ms1(b.bn1(b.conv1(self.base.normalize(x))))))
+        out = b.pool2(b.act2(self.ms2(b.bn2(b.conv2(out)))))
+        return b.fc2(b.act3(self.ms3(b.fc1(torch.flatten(out, 1)))))
+
+
+def test_one_placement_config_gives_the_same_sites_through_all_four_entry_points(trained, tmp_path):
+    """sparsify, the callback (its public step, without a Trainer), `cli.py postprocess` and convert_published
+    all take the same PlacementConfig and place the same sites."""
+    import typing
+
+    from meansparse_pl import MeanSparseCallback, PlacementConfig, convert_published, placement_of
+    from meansparse_pl.trainer import MeanSparseTrainer
+
+    for entry, parameter in (
+        (sparsify, "config"),
+        (convert_published, "config"),
+        (MeanSparseCallback.__init__, "placement"),
+        (MeanSparseTrainer.postprocess, "placement"),
+    ):
+        hint = typing.get_type_hints(entry)[parameter]
+        assert PlacementConfig in (hint, *typing.get_args(hint)), entry
+
+    config = PlacementConfig(sites=[0, 2], centre="zero")
+
+    def fresh():
+        return AdversarialClassifier.load_from_checkpoint(trained["best"], weights_only=True).model.eval()
+
+    def summary(model):
+        return [
+            (s.index, s.channel_dim, s.num_channels, tuple(s.input_shape)) for s in placement_of(model).sites
+        ]
+
+    x = _datamodule().calibration_dataloader().dataset[0][0][None]
+    direct = sparsify(fresh(), x, config)
+    expected = summary(direct)
+    assert [s[0] for s in expected] == [0, 2] and all(op.centre == "zero" for op in operators(direct))
+    via_callback = MeanSparseCallback(placement=config).sparsify(
+        fresh(), _datamodule().calibration_dataloader()
+    )
+    assert summary(via_callback) == expected
+    output = tmp_path / "post.pt"
+    main(["postprocess", *DATA, *QUIET, *MODEL, f"--checkpoint={trained['best']}", f"--output={output}",
+          "--placement.sites=[0, 2]", "--placement.centre=zero", "--trainer.limit_predict_batches=1"])  # fmt: skip
+    via_cli = load_checkpoint(output)
+    assert summary(via_cli) == expected and all(op.centre == "zero" for op in operators(via_cli))
+    converted = convert_published(_PublishedSmallCNN(fresh()), x, config)
+    assert summary(converted) == expected and all(op.centre == "zero" for op in operators(converted))
+    assert [s.kind for s in placement_of(converted).sites] == ["published", "published"]

@@ -17,7 +17,7 @@ from meansparse_pl.errors import (
     StatisticsError,
     UncalibratedOperatorError,
 )
-from meansparse_pl.operator import MeanSparse, operators, set_backward_mode
+from meansparse_pl.ops import MeanSparse, operators, set_backward_mode
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -28,10 +28,9 @@ from conftest import (
 from torch import nn
 
 from meansparse_pl import calibrate, describe, find_sites, register_activation, set_alpha, sparsify
-from meansparse_pl import placement as placement_module
 from meansparse_pl.errors import ConfigurationError, PlacementError
-from meansparse_pl.operator import MeanSparse, operators
-from meansparse_pl.placement import Placement, placement_of
+from meansparse_pl.ops import MeanSparse, operators
+from meansparse_pl.placement import Placement, layout, placement_of, registry
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -208,7 +207,7 @@ def test_convnext_hook_strategy_also_finds_channels_last():
 
 
 def test_shape_rule_for_channel_dim():
-    infer = placement_module._infer_channel_dim_from_shape
+    infer = layout.infer_channel_dim_from_shape
     assert infer((2, 7)) == 1
     assert infer((2, 9, 5)) == -1
     assert infer((2, 16, 8, 8)) == 1  # (N, C, H, W)
@@ -408,7 +407,7 @@ def test_probe_forward_leaves_batchnorm_and_modes_alone(strategy):
 
 # --------------------------------------------------------------------------------- custom activations
 def test_registered_custom_activation_is_found(monkeypatch):
-    monkeypatch.setattr(placement_module, "ACTIVATION_MODULES", list(placement_module.ACTIVATION_MODULES))
+    monkeypatch.setattr(registry, "ACTIVATION_MODULES", list(registry.ACTIVATION_MODULES))
     with pytest.raises(PlacementError, match="register"):
         sparsify(SquareplusNet(), (3, 8, 8))
     from conftest import Squareplus
@@ -425,7 +424,7 @@ def test_registered_custom_activation_is_found(monkeypatch):
 
 
 def test_registered_custom_activation_function_is_found(monkeypatch):
-    monkeypatch.setattr(placement_module, "ACTIVATION_FUNCTIONS", dict(placement_module.ACTIVATION_FUNCTIONS))
+    monkeypatch.setattr(registry, "ACTIVATION_FUNCTIONS", dict(registry.ACTIVATION_FUNCTIONS))
 
     class TanhNet(nn.Module):
         def __init__(self) -> None:

@@ -28,8 +28,9 @@ from test_published import DMWideResNet, images, randomize
 from torch import nn
 
 from meansparse_pl import calibrate, operators, sparsify
-from meansparse_pl.checkpoint import safe_load, save_checkpoint
+from meansparse_pl.checkpoint import save_checkpoint
 from meansparse_pl.errors import ConfigurationError, PlacementError
+from meansparse_pl.io import safe_load
 from meansparse_pl.placement import (
     PRESETS,
     Placement,
@@ -296,7 +297,7 @@ def test_preset_is_recorded_and_rebuilds_the_same_sites(tmp_path):
     for op in operators(sparse):
         op.set_alpha(0.7)
     placement = placement_of(sparse)
-    assert placement.preset == "published_wrn"
+    assert placement.config.preset == "published_wrn"
     path = save_checkpoint(sparse, tmp_path / "wrn.pt")
     record = Placement.from_dict(safe_load(path)["meansparse"]["placement"])
     assert record == placement
@@ -352,7 +353,7 @@ def test_records_without_preset_or_site_kind_still_load():
         ],
     }
     placement = Placement.from_dict(old)
-    assert placement.preset == "activations" and placement.sites[0].kind == "activation"
+    assert placement.config.preset == "activations" and placement.sites[0].kind == "activation"
     rebuilt = sparsify_like(ConvReLU(), placement)
     # the old record predates activation fusion: the rebuilt sites say which ReLU the operator took over
     assert [s.fused_activation for s in placement_of(rebuilt).sites] == ["relu"]

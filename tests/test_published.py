@@ -20,7 +20,7 @@ from torch import nn
 from meansparse_pl import operators, set_alpha, sparsify
 from meansparse_pl.checkpoint import load_checkpoint, save_checkpoint
 from meansparse_pl.errors import CheckpointError, PlacementError, StatisticsError, UncalibratedOperatorError
-from meansparse_pl.operator import MeanSparse
+from meansparse_pl.ops import MeanSparse
 from meansparse_pl.placement import placement_of
 from meansparse_pl.published import (
     convert_published,

@@ -22,6 +22,7 @@ from meansparse_pl import calibrate, operators, sparsify
 from meansparse_pl.checkpoint import load_checkpoint, save_checkpoint
 from meansparse_pl.errors import CheckpointError, ConfigurationError, DataNotFoundError
 from meansparse_pl.models import create_model
+from meansparse_pl.models import robustbench as architectures
 from meansparse_pl.placement import placement_of
 from meansparse_pl.published import convert_published
 
@@ -110,8 +111,8 @@ def batches(n: int = 3, size: int = 32):
 
 # ---------------------------------------------------------------------------------- contained import
 def test_import_environment_is_contained_and_restored(zoo):
-    missing_autoattack = not rb._importable("autoattack")
-    with rb._robustbench_import_environment() as added:
+    missing_autoattack = not architectures.importable("autoattack")
+    with architectures.import_environment() as added:
         if missing_autoattack:
             import autoattack
             import pyautoattack
@@ -124,7 +125,7 @@ def test_import_environment_is_contained_and_restored(zoo):
 
             path = Path(pkg_resources.resource_filename("robustbench.loaders", "helper_files/x.json"))
             assert path == Path(importlib.util.find_spec("robustbench").origin).parent / "helper_files/x.json"
-        for name in set(added) & set(rb._OPTIONAL_MODULES):
+        for name in set(added) & set(architectures.OPTIONAL_MODULES):
             placeholder = importlib.import_module(name)
             with pytest.raises(ImportError, match="not installed"):
                 placeholder.anything()
@@ -134,7 +135,7 @@ def test_import_environment_is_contained_and_restored(zoo):
 
 
 def test_import_environment_is_restored_after_an_error(zoo):
-    with pytest.raises(RuntimeError), rb._robustbench_import_environment() as added:
+    with pytest.raises(RuntimeError), architectures.import_environment() as added:
         raise RuntimeError("import failed")
     assert not set(added) & set(sys.modules)
 
@@ -153,9 +154,9 @@ def test_model_zoo_import_leaves_no_shims_behind(zoo):
     import pyautoattack
 
     assert sys.modules["robustbench.eval"].AutoAttack is pyautoattack.AutoAttack
-    for name in ("autoattack", "pkg_resources", *rb._OPTIONAL_MODULES):
+    for name in ("autoattack", "pkg_resources", *architectures.OPTIONAL_MODULES):
         module = sys.modules.get(name)
-        assert module is None or not isinstance(module, rb._PlaceholderModule), name
+        assert module is None or not isinstance(module, architectures.PlaceholderModule), name
     enums = sys.modules["robustbench.model_zoo.enums"]
     cifar10_linf = zoo.model_dicts[enums.BenchmarkDataset("cifar10")][enums.ThreatModel("Linf")]
     assert "Amini2024MeanSparse_S-WRN-94-16" in cifar10_linf
@@ -258,7 +259,7 @@ def test_postprocess_cli_on_a_robustbench_file(zoo, monkeypatch, tmp_path):
             "--data.eval_batch_size=16",
             "--model.backbone=robustbench",
             f"--model.backbone_kwargs={{model_name: {name}, dataset: cifar10, threat_model: Linf}}",
-            "--preset=published_wrn",
+            "--placement.preset=published_wrn",
             f"--checkpoint={weights}",
             f"--output={output}",
             "--trainer.logger=false",
@@ -454,7 +455,9 @@ def test_paper_configs_are_consistent(zoo):
         assert config["checkpoint"] == f"runs/paper/{stem}/meansparse.pt"
         expected = {"l2": ("L2", 0.5), "linf": ("Linf", (4 if dataset == "imagenet" else 8) / 255)}
         norm, eps = expected[stem.split("_")[1]]
-        assert config["norm"] == norm and config["eps"] == [pytest.approx(eps, abs=1e-15)], stem
+        assert config["threat"]["norm"] == norm and config["threat"]["eps"] == pytest.approx(
+            eps, abs=1e-15
+        ), stem
         assert config["data"]["class_path"].endswith(
             {
                 "cifar10": "CIFAR10DataModule",

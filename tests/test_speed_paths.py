@@ -17,10 +17,9 @@ import pytest
 import torch
 from conftest import FunctionalResNet, make_batches, randomize_batchnorm
 
-import meansparse_pl.operator as operator_module
 import meansparse_pl.statistics as statistics_module
 from meansparse_pl import calibrate, set_alpha, sparsify
-from meansparse_pl.operator import MeanSparse, fused_kernels, operators
+from meansparse_pl.ops import MeanSparse, fused_kernels, kernels, operators
 from meansparse_pl.statistics import batch_moments
 
 INT_OF = {torch.float64: torch.int64, torch.float32: torch.int32, torch.float16: torch.int16}
@@ -139,14 +138,14 @@ def test_fused_path_handles_non_contiguous_inputs_through_the_eager_formula(fuse
 
 def test_default_threshold_keeps_small_inputs_eager():
     op = _operator(5, 1, 0.5, seed=6)
-    assert operator_module.FUSED_MIN_NUMEL > 5 * 16
+    assert kernels.FUSED_MIN_NUMEL > 5 * 16
     calls = []
-    original = operator_module._run_compiled
-    operator_module._run_compiled = lambda fn, *a: calls.append(fn) or original(fn, *a)
+    original = kernels.run_compiled
+    kernels.run_compiled = lambda fn, *a: calls.append(fn) or original(fn, *a)
     try:
         op(torch.randn(2, 5, 4, 2))
     finally:
-        operator_module._run_compiled = original
+        kernels.run_compiled = original
     assert calls == []
 
 
@@ -173,12 +172,12 @@ def test_fused_kernel_failure_falls_back_with_one_warning(monkeypatch, fused_eve
     def broken(*args, **kwargs):
         raise RuntimeError("no compiler here")
 
-    monkeypatch.setattr(operator_module, "_COMPILED", {})
-    monkeypatch.setattr(operator_module, "_compile", lambda fn, variant: broken)
+    monkeypatch.setattr(kernels, "_COMPILED", {})
+    monkeypatch.setattr(kernels, "_compile", lambda fn, variant: broken)
     with pytest.warns(RuntimeWarning, match="falling back"):
         out = op(x)
     assert torch.equal(bits(out), bits(expected))
-    assert not operator_module.fused_kernels_enabled()
+    assert not kernels.fused_kernels_enabled()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert torch.equal(bits(op(x)), bits(expected))  # eager from now on, no further warning
@@ -304,8 +303,8 @@ def test_fused_and_eager_calibration_agree(fused_everywhere):
 # -------------------------------------------------------------------------------------- output reuse
 @pytest.fixture
 def fresh_output_cache(monkeypatch):
-    cache = operator_module._OutputCache(geometries=8, per_geometry=2)
-    monkeypatch.setattr(operator_module, "_OUTPUTS", cache)
+    cache = kernels.OutputCache(geometries=8, per_geometry=2)
+    monkeypatch.setattr(kernels, "OUTPUTS", cache)
     return cache
 
 

@@ -20,10 +20,10 @@ from conftest import (
 from torch import nn
 
 from meansparse_pl import calibrate, set_alpha, sparsify
-from meansparse_pl.calibration import StatisticsCollector
+from meansparse_pl.calibration import Calibrator
 from meansparse_pl.errors import ConfigurationError, MeanSparseError, PlacementError, StatisticsError
-from meansparse_pl.operator import MeanSparse, operators
-from meansparse_pl.statistics import ChannelMoments, Moments, batch_moments, merge_moments
+from meansparse_pl.ops import MeanSparse, operators
+from meansparse_pl.statistics import Moments, OperatorMoments, batch_moments, merge_moments
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -125,10 +125,14 @@ def test_channel_moments_independent_of_batch_size_and_order(channel_dim):
                 torch.randperm(64, generator=torch.Generator().manual_seed(batch_size)) if shuffle else None
             )
             data = x[order] if shuffle else x
-            metric = ChannelMoments(5, channel_dim)
+            metric = OperatorMoments([5], [channel_dim])
+            observe = metric.observer(0)
             for batch in data.split(batch_size):
                 metric.update(batch)
-            results.append(metric.compute())
+                observe(batch)
+            sites, images = metric.compute()
+            assert images == 64
+            results.append(sites[0])
     for result in results:
         assert float(result.count) == count
         assert_relative(result.mean, mean, 1e-12)
@@ -138,11 +142,12 @@ def test_channel_moments_independent_of_batch_size_and_order(channel_dim):
 
 
 def test_channel_moments_keep_float64_when_the_model_is_cast():
-    metric = ChannelMoments(3).half()
-    assert metric.mean.dtype == metric.m2.dtype == metric.count.dtype == torch.float64
+    metric = OperatorMoments([3], [1]).half()
+    assert metric.moments.dtype == metric.images.dtype == torch.float64
     x = torch.randn(4, 3, 2, 2).to(torch.float16)
     metric.update(x)
-    result = metric.compute()
+    metric.observer(0)(x)
+    result = metric.compute()[0][0]
     mean, var, _ = reference_moments(x, 1)
     assert result.mean.dtype == torch.float64
     assert_relative(result.mean, mean, 1e-12, scale=var.sqrt())
@@ -241,7 +246,7 @@ def test_calibration_leaves_the_model_untouched_and_restores_modes():
     for name, value in model.named_buffers():
         if name in buffers:
             assert torch.equal(value, buffers[name]), name
-    assert all(op._observer is None for op in operators(model))
+    assert all(op.observer is None for op in operators(model))
     assert all(op.is_calibrated for op in operators(model))
 
 
@@ -253,7 +258,7 @@ def test_non_finite_data_is_rejected(bad):
     with pytest.raises(StatisticsError, match="batch 1"):
         calibrate(model, batches, progress=False)
     assert not any(op.is_calibrated for op in operators(model))
-    assert all(op._observer is None for op in operators(model))
+    assert all(op.observer is None for op in operators(model))
 
 
 def test_non_finite_features_are_rejected_with_the_site_name():
@@ -327,12 +332,12 @@ def test_calibrating_a_model_without_operators_is_an_error():
 
 def test_collector_statistics_before_finish_are_float64():
     model = sparsify(FunctionalResNet().eval(), (3, 8, 8))
-    collector = StatisticsCollector(model)
+    collector = Calibrator(model)
     batches = make_batches((3, 8, 8), 16, 8, seed=15)
     with collector.observing():
         for batch in batches:
             collector.observe(batch)
-    moments = [m.compute() for m in collector.moments]
+    moments = collector.moments.compute()[0]
     assert all(m.mean.dtype == torch.float64 for m in moments)
     assert collector.finish() == 16
     captured = capture_operator_inputs(model, batches)
@@ -344,25 +349,30 @@ def test_collector_statistics_before_finish_are_float64():
 
 
 @pytest.mark.filterwarnings("ignore:The ``compute`` method")  # states set by hand, update() never called
-def test_channel_moments_merge_the_stacked_states_of_several_processes():
-    """After a torch.distributed sync torchmetrics stacks each process's (count, mean, m2); compute() must merge
-    them exactly (here: three uneven shards, states stacked by hand as the gather would)."""
+def test_operator_moments_merge_the_stacked_states_of_several_processes():
+    """After a torch.distributed sync torchmetrics stacks each process's packed (count, mean, m2) state and sums
+    the image counts; compute() must merge them exactly, site by site (here: two sites, three uneven shards,
+    states stacked by hand as the gather would)."""
     x = _features(16)
-    shards = [x[:5], x[5:40], x[40:]]
+    y = x[:, :3].movedim(1, -1).contiguous()  # a second, channels-last site with 3 channels
+    shards = [slice(0, 5), slice(5, 40), slice(40, None)]
     per_process = []
     for shard in shards:
-        metric = ChannelMoments(5, 1)
-        metric.update(shard)
-        per_process.append(metric.compute())
-    gathered = ChannelMoments(5, 1)
-    gathered.count = torch.stack([m.count for m in per_process])
-    gathered.mean = torch.stack([m.mean for m in per_process])
-    gathered.m2 = torch.stack([m.m2 for m in per_process])
-    merged = gathered.compute()
-    mean, var, count = reference_moments(x, 1)
-    assert float(merged.count) == count
-    assert_relative(merged.mean, mean, 1e-12)
-    assert_relative(merged.var, var, 1e-9)
+        metric = OperatorMoments([5, 3], [1, -1])
+        metric.update(x[shard])
+        metric.observer(0)(x[shard])
+        metric.observer(1)(y[shard])
+        per_process.append(metric)
+    gathered = OperatorMoments([5, 3], [1, -1])
+    gathered.moments = torch.stack([m.moments for m in per_process])
+    gathered.images = sum(m.images for m in per_process)
+    (merged_x, merged_y), images = gathered.compute()
+    assert images == x.shape[0]
+    for merged, data, dim in ((merged_x, x, 1), (merged_y, y, -1)):
+        mean, var, count = reference_moments(data, dim)
+        assert float(merged.count) == count
+        assert_relative(merged.mean, mean, 1e-12)
+        assert_relative(merged.var, var, 1e-9)
 
 
 class _BranchyNet(nn.Module):
@@ -394,3 +404,41 @@ def test_half_precision_keeps_the_count_exact():
     assert count == 20 * 62 * 62 > 65504  # above the float16 range
     model.half()
     assert int(operators(model)[0].count) == count and operators(model)[0].is_calibrated
+
+
+def test_nan_input_is_rejected_the_same_way_by_every_calibration_path():
+    """calibrate(), the MeanSparseCallback's calibration step and the CLI's predict-loop module all feed the one
+    Calibrator, so a NaN pixel is the same error, with the same message, on every path."""
+    import lightning.pytorch as pl
+
+    from meansparse_pl.calibration import CalibrationModule
+    from meansparse_pl.callback import MeanSparseCallback
+
+    images = make_batches((3, 8, 8), 16, 8, seed=16)
+    images[1][3, 0, 2, 2] = math.nan  # one pixel of the second batch
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.cat(images)), batch_size=8)
+    messages = []
+    for path in ("calibrate", "callback", "cli"):
+        model = sparsify(FunctionalResNet().eval(), (3, 8, 8))
+        with pytest.raises(StatisticsError) as error:
+            if path == "calibrate":
+                calibrate(model, loader, progress=False)
+            elif path == "callback":
+                MeanSparseCallback().calibrate(model, loader, progress=False)
+            else:
+                trainer = pl.Trainer(
+                    accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False
+                )
+                trainer.predict(CalibrationModule(model), dataloaders=loader, return_predictions=False)
+        messages.append(str(error.value))
+        assert not any(op.is_calibrated for op in operators(model))
+    assert messages[0] == messages[1] == messages[2]
+    assert messages[0].startswith("calibration batch 1 contains NaN or Inf pixels")
+
+
+def test_images_of_another_shape_than_the_placement_are_one_clear_error():
+    model = sparsify(FunctionalResNet().eval(), (3, 8, 8))
+    with pytest.raises(
+        ConfigurationError, match=r"shape \(3, 6, 6\) but the model's operators were placed for \(3, 8, 8\)"
+    ):
+        calibrate(model, [torch.rand(4, 3, 6, 6)], progress=False)

@@ -1,40 +1,33 @@
-"""Adversarial attacks: training-time PGD / TRADES and the evaluation attack registry.
+"""Adversarial attacks.
 
-``meansparse_pl.attacks.training`` holds the attacks that run inside training steps; the evaluation attacks
-(AutoAttack components via pyautoattack, BPDA, the paper's adaptive attack) are behind
-:func:`run_attack` in ``meansparse_pl.attacks.evaluation``.
+* :mod:`.pgd` and :mod:`.trades`: the attacks that run inside training steps (Madry PGD, TRADES), and the PGD
+  ascent every gradient attack shares;
+* :mod:`.registry`: the evaluation attacks behind :func:`run_attack` (AutoAttack components via pyautoattack in
+  :mod:`.autoattack`, BPDA, the paper's adaptive attack in :mod:`.adaptive`), each returning per-sample verdicts;
+* :mod:`.verdicts`: :func:`worst_case`, the per-sample worst case ("best known") over attacks.
 """
 
 from __future__ import annotations
 
-from meansparse_pl.attacks.evaluation import (
+from meansparse_pl.attacks.adaptive import adaptive_penalty, band_mask
+from meansparse_pl.attacks.pgd import pgd_perturb
+from meansparse_pl.attacks.registry import (
     ATTACK_NAMES,
-    adaptive_penalty,
     attack_options,
-    band_mask,
+    check_attack_config,
+    options_for,
     run_attack,
-    worst_case,
 )
-from meansparse_pl.attacks.training import (
-    NORMS,
-    check_eps,
-    check_norm,
-    eval_mode,
-    pgd_perturb,
-    trades_adversarial,
-    trades_loss,
-    trades_objective,
-)
+from meansparse_pl.attacks.trades import trades_adversarial, trades_loss, trades_objective
+from meansparse_pl.attacks.verdicts import worst_case
 
 __all__ = [
     "ATTACK_NAMES",
-    "NORMS",
     "adaptive_penalty",
     "attack_options",
     "band_mask",
-    "check_eps",
-    "check_norm",
-    "eval_mode",
+    "check_attack_config",
+    "options_for",
     "pgd_perturb",
     "run_attack",
     "trades_adversarial",

@@ -9,11 +9,8 @@ normalisation is the model's first module (:class:`Normalize`), as attack librar
 
 from __future__ import annotations
 
-# RobustBench architectures register themselves as "robustbench" (robustbench.py imports only _registry)
-from meansparse_pl import robustbench as _robustbench  # noqa: E402, F401, I001
-
-# Importing the architecture modules registers them.
-from meansparse_pl.models import preact_resnet, resnet, small_cnn, wide_resnet  # noqa: F401
+# Importing the architecture modules registers them (one architecture family per module).
+from meansparse_pl.models import preact_resnet, resnet, robustbench, small_cnn, wide_resnet  # noqa: F401
 from meansparse_pl.models._registry import TORCHVISION_PREFIX, create_model, list_models, register_model
 from meansparse_pl.models.activations import (
     PSiLU,

@@ -14,9 +14,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from meansparse_pl import operators, set_alpha, sparsify
+from meansparse_pl import ThreatModel, operators, set_alpha, sparsify
+from meansparse_pl.calibration import CalibrationModule
 from meansparse_pl.evaluation import EvaluationTask, run_tasks
-from meansparse_pl.trainer import CalibrationModule
 
 NUM_SAMPLES = 37  # odd: 2 processes get 19 and 18 samples, a padding sampler would repeat one
 
@@ -57,10 +57,11 @@ def main(devices: int, output: str) -> None:
     calibration = CalibrationModule(sparse)
     trainer.predict(calibration, dataloaders=DataLoader(dataset, batch_size=5), return_predictions=False)
     set_alpha(sparse, 0.3)
+    threat = ThreatModel("Linf", 0.05)
     tasks = [
-        EvaluationTask("clean", "clean", 0.05),
-        EvaluationTask("pgd", "pgd", 0.05, options={"steps": 3, "random_start": False}),
-        EvaluationTask("base/clean", "clean", 0.05, alpha=0.0),
+        EvaluationTask("clean", "clean", threat),
+        EvaluationTask("pgd", "pgd", threat, options={"steps": 3, "random_start": False}),
+        EvaluationTask("base/clean", "clean", threat, alpha=0.0),
     ]
     results = run_tasks(sparse, dataset, tasks, batch_size=4, trainer=trainer)
     if trainer.is_global_zero:

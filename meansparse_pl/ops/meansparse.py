@@ -1,0 +1,241 @@
+"""The MeanSparse operator: mean-centred feature sparsification (Amini et al., 2024, eq. 7).
+
+For channel ``c`` the operator outputs ``mu_c`` where ``|x - mu_c| < alpha * sigma_c`` and ``x`` elsewhere
+(:mod:`meansparse_pl.ops.band`). The comparison is strict and the threshold is computed as
+``alpha * sqrt(var)`` exactly as in the published RobustBench modules, so a published checkpoint reproduces
+its logits bit for bit. The backward modes are in :mod:`meansparse_pl.ops.functions`, the fused CPU kernels in
+:mod:`meansparse_pl.ops.kernels`. The band tensors ``centre`` and ``alpha * sqrt(var)`` are cached per input
+dtype, device and rank, and rebuilt whenever a buffer changes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from meansparse_pl.config import CENTRES, Centre, check_alpha, check_choice
+from meansparse_pl.errors import ConfigurationError, StatisticsError, UncalibratedOperatorError
+from meansparse_pl.ops import kernels
+from meansparse_pl.ops.band import Band, inside_band
+from meansparse_pl.ops.functions import FUSED_BY_MODE, SPARSIFY_BY_MODE, BackwardMode, check_backward_mode
+from meansparse_pl.ops.kernels import FusedActivation
+
+
+def _identity(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+class MeanSparse(nn.Module):
+    """Mean-centred sparsification of one activation's input, per channel.
+
+    Args:
+        num_channels: number of channels ``C`` at this site.
+        channel_dim: the axis that holds the channels: ``1`` for ``(N, C, ...)`` conv features, ``-1`` for
+            ``(N, L, C)`` / ``(N, H, W, C)`` features of transformer and ConvNeXt MLPs.
+        alpha: band half-width in units of the channel's standard deviation; 0 makes the operator the
+            identity (after calibration).
+        centre: reference the band is centred on (paper A.7): the channel mean (default), zero, or the mean
+            over all channels.
+        backward_mode: ``exact`` or ``straight_through``; see the module docstring.
+        activation: the activation this operator stands in front of, when placement has fused the two (see
+            :class:`FusedActivation`): the operator then returns ``activation(sparsified x)`` and the model no
+            longer calls the activation itself. Inference runs both in one pass; it holds no state, so the
+            state dict is the same with or without it.
+
+    Buffers ``mean``, ``var`` (population variance over every element of the calibration set), ``count``
+    (elements per channel seen) and ``alpha`` travel in the state dict.
+    """
+
+    def __init__(
+        self,
+        num_channels: int,
+        channel_dim: int = 1,
+        alpha: float = 0.0,
+        centre: Centre = "channel_mean",
+        backward_mode: BackwardMode = "exact",
+        activation: FusedActivation | None = None,
+    ) -> None:
+        super().__init__()
+        if num_channels < 1:
+            raise ConfigurationError(f"num_channels must be >= 1, got {num_channels}.")
+        check_choice("centre", centre, CENTRES)
+        check_backward_mode(backward_mode)
+        self.num_channels = int(num_channels)
+        self.channel_dim = int(channel_dim)
+        self.centre = centre
+        self.backward_mode: BackwardMode = backward_mode
+        self.activation = activation
+        self.site_name = ""  # set by placement, used in error messages
+        self.register_buffer("mean", torch.zeros(num_channels))
+        self.register_buffer("var", torch.ones(num_channels))
+        # int64: model.half() must not turn a count of millions of elements into float16 inf
+        self.register_buffer("count", torch.zeros((), dtype=torch.int64))
+        self.register_buffer("alpha", torch.tensor(check_alpha(alpha)))
+        # Host-side copies of alpha and "calibrated", so forward never reads a device tensor (a GPU sync and
+        # a torch.compile graph break per operator per call). Kept in step by set_alpha, set_statistics and
+        # state-dict loading; write the buffers only through those.
+        self._alpha_value = float(self.alpha)
+        self._calibrated = False
+        # While calibration runs, the observer sees every input and the operator passes it through untouched
+        # (set and cleared by meansparse_pl.calibration.Calibrator).
+        self.observer: Callable[[torch.Tensor], None] | None = None
+        # (input dtype, device, rank) -> (buffer token, band tensors); see _band
+        self._band_cache: dict[tuple, tuple[tuple, Band]] = {}
+
+    # ----------------------------------------------------------------------------------------- state
+    def __getstate__(self) -> dict:
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
+        return {**state, "_band_cache": {}}  # copies and pickles rebuild the band on first use
+
+    @property
+    def is_calibrated(self) -> bool:
+        return self._calibrated
+
+    def set_alpha(self, alpha: float) -> None:
+        self.alpha.fill_(check_alpha(alpha))
+        self._alpha_value = float(self.alpha)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._alpha_value = float(self.alpha)
+        self._calibrated = bool(self.count > 0)
+
+    def set_statistics(self, mean: torch.Tensor, var: torch.Tensor, count: float) -> None:
+        """Install channel statistics (from calibration or a checkpoint), validating them first."""
+        where = self.site_name or "a MeanSparse operator"
+        for name, value in (("mean", mean), ("var", var)):
+            if value.shape != (self.num_channels,):
+                raise StatisticsError(
+                    f"{where}: {name} has shape {tuple(value.shape)} but the site has {self.num_channels} "
+                    "channels; the statistics belong to a different model or placement."
+                )
+            if not torch.isfinite(value).all():
+                raise StatisticsError(
+                    f"{where}: channel {name} contains NaN or Inf (diverged model or bad input data); "
+                    "check the data and the model's outputs before calibrating."
+                )
+        if (var < 0).any():
+            raise StatisticsError(f"{where}: negative variance; the statistics are corrupt.")
+        self.mean.copy_(mean.to(self.mean))
+        self.var.copy_(var.to(self.var))
+        self.count.fill_(int(round(float(count))))
+        self._calibrated = bool(self.count > 0)
+
+    # --------------------------------------------------------------------------------------- forward
+    def _band_is_current(self, entry: tuple) -> bool:
+        """Whether a cache entry was built from the very buffers the operator holds now, unchanged since.
+
+        The entry keeps the buffer objects themselves (compared by identity, so a replaced buffer can never be
+        mistaken for the old one) and their version counters (bumped by every in-place write: set_alpha,
+        set_statistics, load_state_dict, a user's ``copy_``)."""
+        buffers, versions, settings = entry
+        return (
+            buffers[0] is self.mean
+            and buffers[1] is self.var
+            and buffers[2] is self.alpha
+            and versions == (self.mean._version, self.var._version, self.alpha._version)
+            and settings == (self._alpha_value, self.centre, self.channel_dim, self.num_channels)
+        )
+
+    def band(self, x: torch.Tensor) -> Band:
+        """The band tensors for ``x``'s dtype, device and rank, cached between calls (see ``Band``)."""
+        if kernels.tracing():
+            return self._build_band(x)
+        key = (x.dtype, x.device, x.dim())
+        cached = self._band_cache.get(key)
+        try:
+            if cached is not None and self._band_is_current(cached[0]):
+                return cached[1]
+            versions = (self.mean._version, self.var._version, self.alpha._version)
+        except RuntimeError:  # buffers created under inference_mode have no version counter: no caching
+            return self._build_band(x)
+        # Plain tensors even when the first call runs under inference_mode / no_grad: the cache is reused by
+        # later calls that record gradients and save these tensors for backward.
+        with torch.inference_mode(False), torch.no_grad():
+            band = self._build_band(x)
+        entry = (
+            (self.mean, self.var, self.alpha),
+            versions,
+            (self._alpha_value, self.centre, self.channel_dim, self.num_channels),
+        )
+        self._band_cache[key] = (entry, band)
+        return band
+
+    def _build_band(self, x: torch.Tensor) -> Band:
+        centre, threshold = self._compute_centre_and_threshold(x)
+        centre_out = centre.to(x.dtype)
+        if kernels.tracing():
+            return Band(centre, threshold, centre_out, (centre, threshold, centre_out))
+        flat = tuple(t.reshape(1, self.num_channels, 1).clone() for t in (centre, threshold, centre_out))
+        return Band(centre, threshold, centre_out, flat)  # type: ignore[arg-type]
+
+    def _compute_centre_and_threshold(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        threshold = self.alpha * torch.sqrt(self.var)
+        if self.centre == "channel_mean":
+            centre = self.mean
+        elif self.centre == "zero":
+            centre = torch.zeros_like(self.mean)
+        else:
+            centre = self.mean.mean().expand_as(self.mean)
+        shape = [1] * x.dim()
+        shape[self.channel_dim] = self.num_channels
+        # The band test runs in the wider of the input and buffer dtypes (float32 for half / bfloat16 inputs), so
+        # a low-precision input gets exactly the float32 decision; only the output is in the input dtype.
+        dtype = torch.promote_types(x.dtype, self.mean.dtype)
+        return centre.to(dtype).view(shape), threshold.to(dtype).view(shape)
+
+    def overwritten(self, x: torch.Tensor) -> torch.Tensor:
+        """Where the operator replaces ``x`` by the centre: the forward's own band test (strict, same dtype rule);
+        empty when alpha is 0 (the operator is then the identity)."""
+        if self._alpha_value == 0.0:
+            return torch.zeros_like(x, dtype=torch.bool)
+        band = self.band(x)
+        return inside_band(x, band.centre, band.threshold)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._forward(x, self.activation)
+
+    def without_activation(self, x: torch.Tensor) -> torch.Tensor:
+        """The operator's own output, without the activation placement may have fused into it (for plots
+        and analyses of the band itself)."""
+        return self._forward(x, None)
+
+    def _forward(self, x: torch.Tensor, activation: FusedActivation | None) -> torch.Tensor:
+        activate = _identity if activation is None else activation.fn
+        if self.observer is not None:  # collecting statistics: the input passes through, then the activation
+            self.observer(x)
+            return x if activation is None else activation.apply(x)
+        if x.shape[self.channel_dim] != self.num_channels:
+            raise ConfigurationError(
+                f"{self.site_name or 'MeanSparse'}: input has {x.shape[self.channel_dim]} channels on dim "
+                f"{self.channel_dim}, the operator was built for {self.num_channels}; re-run sparsify on "
+                "this architecture."
+            )
+        if not self.is_calibrated:
+            raise UncalibratedOperatorError(
+                f"{self.site_name or 'MeanSparse operator'} has no channel statistics; run "
+                "meansparse_pl.calibrate(model, train_loader) (or `cli.py postprocess`) before using it."
+            )
+        if self._alpha_value == 0.0:
+            return activate(x)
+        band = self.band(x)
+        if kernels.tracing():  # torch.compile / jit see the plain formula inside an autograd.Function
+            return activate(SPARSIFY_BY_MODE[self.backward_mode].apply(x, band.centre, band.threshold))
+        fused = kernels.fused_applicable(x) and kernels.canonical(x, self.channel_dim) is not None
+        if not (x.requires_grad and torch.is_grad_enabled()):  # inference: no autograd Function needed
+            out = kernels.fused_forward(x, band, self.channel_dim, activation) if fused else None
+            return activate(kernels.eager_forward(x, band)) if out is None else out
+        # With gradients the activation stays a separate autograd op: its backward is then autograd's own in
+        # both backward modes (the attack path already costs little next to the backward pass).
+        if fused:
+            return activate(FUSED_BY_MODE[self.backward_mode].apply(x, band, self.channel_dim))
+        return activate(SPARSIFY_BY_MODE[self.backward_mode].apply(x, band.centre, band.threshold))
+
+    def extra_repr(self) -> str:
+        return (
+            f"channels={self.num_channels}, channel_dim={self.channel_dim}, alpha={float(self.alpha):g}, "
+            f"centre={self.centre}, backward={self.backward_mode}, calibrated={self.is_calibrated}"
+            + (f", then {self.activation.name}" if self.activation is not None else "")
+        )

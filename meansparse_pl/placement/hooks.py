@@ -1,0 +1,148 @@
+"""The ``hooks`` placement strategy, for models torch.fx cannot trace: a forward pre-hook on each activation
+*module*; a module called k times per forward gets k operators dispatched by call order. Functional calls cannot
+be reached this way, so if a probe finds any, placement stops with an error naming the module.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from meansparse_pl.errors import PlacementError
+from meansparse_pl.modes import eval_mode
+from meansparse_pl.ops import MeanSparse
+from meansparse_pl.placement import registry
+from meansparse_pl.placement.layout import infer_channel_dim_from_shape, override_channel_dim
+from meansparse_pl.placement.record import Site
+from meansparse_pl.placement.registry import is_activation_module
+
+
+class _FunctionalActivationSpy(TorchFunctionMode):
+    """Records functional activation calls made outside activation modules during a probe forward."""
+
+    def __init__(self, module_stack: list[str]) -> None:
+        super().__init__()
+        self.module_stack = module_stack
+        self.inside_activation = 0
+        self.calls: list[tuple[str, str]] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = registry.ACTIVATION_FUNCTIONS.get(func)
+        if name is None and getattr(func, "__name__", None) in registry.ACTIVATION_METHODS and args:
+            name = registry.ACTIVATION_METHODS[func.__name__]
+        if name is not None and not self.inside_activation:
+            self.calls.append((self.module_stack[-1] if self.module_stack else "", name))
+        return func(*args, **(kwargs or {}))
+
+
+class _CallSiteDispatch(nn.Module):
+    """Holds the operators of one activation module, one per call site, applied in call order."""
+
+    def __init__(self, ops: list[nn.Module]) -> None:
+        super().__init__()
+        self.ops = nn.ModuleList(ops)
+        self.next_call = 0
+
+    def __call__(self, module: nn.Module, args: tuple) -> tuple:  # forward pre-hook
+        if self.next_call >= len(self.ops):
+            raise PlacementError(
+                f"{getattr(self.ops[0], 'site_name', 'an activation')}: the activation was called more often than in the probe forward; "
+                "hook placement needs a fixed call pattern; make the model traceable by torch.fx instead."
+            )
+        op = self.ops[self.next_call]
+        self.next_call += 1
+        x = args[0]
+        out = op(x)
+        if out is not x and getattr(module, "inplace", False):
+            # an in-place activation mutates its input and the model may keep reading that tensor: sparsify it
+            # in place too, so the activation mutates the tensor the model holds, as without the operator
+            out = x.copy_(out)
+        return (out, *args[1:])
+
+
+class _ResetDispatch:
+    """Root forward pre-hook: a new forward starts every activation's call count from zero."""
+
+    def __init__(self, dispatches: list[_CallSiteDispatch]) -> None:
+        self.dispatches = dispatches
+
+    def __call__(self, module: nn.Module, args: tuple) -> None:
+        for dispatch in self.dispatches:
+            dispatch.next_call = 0
+
+
+def activation_sites(
+    model: nn.Module, example_input: torch.Tensor, channel_dims: dict[str, int] | None, trace_error: str
+) -> list[tuple[Site, nn.Module]]:
+    records: list[tuple[str, nn.Module, tuple[int, ...]]] = []
+    module_stack: list[str] = []
+    spy = _FunctionalActivationSpy(module_stack)
+    handles = []
+    for path, module in model.named_modules():
+
+        def push(m, args, path=path):
+            module_stack.append(path)
+            if is_activation_module(m):
+                spy.inside_activation += 1
+                if args and isinstance(args[0], torch.Tensor):
+                    records.append((path, m, tuple(args[0].shape)))
+
+        def pop(m, args, output):
+            module_stack.pop()
+            if is_activation_module(m):
+                spy.inside_activation -= 1
+
+        handles.append(module.register_forward_pre_hook(push))
+        handles.append(module.register_forward_hook(pop))
+    try:
+        with eval_mode(model), torch.no_grad(), spy:
+            model(example_input)
+    finally:
+        for h in handles:
+            h.remove()
+    if spy.calls:
+        where, call = spy.calls[0]
+        raise PlacementError(
+            f"torch.fx cannot trace this model ({trace_error}) and `{where or 'the model'}` calls {call} "
+            "functionally, which hook placement cannot reach; make that module traceable, list the "
+            "untraceable submodule in leaf_modules, or use an activation module (nn.ReLU, ...) there."
+        )
+    found: list[tuple[Site, nn.Module]] = []
+    for path, module, shape in records:
+        dim = override_channel_dim(path, channel_dims)
+        if dim is None:
+            dim = infer_channel_dim_from_shape(shape)
+        found.append((Site(len(found), path, f"nn.{type(module).__name__}", shape, dim, shape[dim]), module))
+    return found
+
+
+def insert_operators(
+    model: nn.Module,
+    candidates: Sequence[tuple[Site, nn.Module]],
+    chosen: set[int],
+    make_operator: Callable[[Site], tuple[MeanSparse, Site]],
+) -> list[Site]:
+    """Attach the operators of the chosen sites to their activation modules; returns the placed sites."""
+    placed: list[Site] = []
+    per_module: dict[int, list[nn.Module]] = {}
+    modules: dict[int, nn.Module] = {}
+    for site, module in candidates:
+        # every call of a module gets a slot so dispatch stays aligned with the call order; calls that the
+        # rules leave out get an identity slot.
+        slot: nn.Module = nn.Identity()
+        if site.index in chosen:
+            slot, site = make_operator(site)
+            placed.append(site)
+        per_module.setdefault(id(module), []).append(slot)
+        modules[id(module)] = module
+    dispatches = []
+    for key, slots in per_module.items():
+        dispatch = _CallSiteDispatch(slots)
+        modules[key].add_module("meansparse", dispatch)
+        modules[key].register_forward_pre_hook(dispatch)
+        dispatches.append(dispatch)
+    model.register_forward_pre_hook(_ResetDispatch(dispatches))
+    return placed
