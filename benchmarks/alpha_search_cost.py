@@ -46,14 +46,19 @@ from meansparse_pl import calibrate, sparsify
 from meansparse_pl.alpha_search import (
     ELIMINATIONS,
     PAPER_ALPHAS,
+    SEARCH_ATTACKS,
     SELECTIONS,
     AlphaSearch,
     AlphaSearchResult,
+    Exhaustive,
+    SuccessiveHalving,
 )
-from meansparse_pl.attacks import eval_mode, pgd_perturb
+from meansparse_pl.attacks import pgd_perturb
+from meansparse_pl.config import AttackConfig, ThreatModel
 from meansparse_pl.data import FashionMNISTDataModule
 from meansparse_pl.evaluation import run_tasks
 from meansparse_pl.models import create_model
+from meansparse_pl.modes import eval_mode
 
 REPEAT_SEED_OFFSET = 1000  # attack seed of the second exhaustive search on the same subset
 
@@ -192,7 +197,11 @@ def main() -> None:
     pool = dm.val_dataset
     assert pool is not None
     trainer = quiet_trainer()
-    common = {"eps": args.eps, "n_iter": args.n_iter, "batch_size": args.batch_size}
+    common = {
+        "threat": ThreatModel("Linf", args.eps),
+        "attacks": AttackConfig(names=list(SEARCH_ATTACKS), n_iter=args.n_iter),
+        "batch_size": args.batch_size,
+    }
     result: dict = {"args": vars(args), "machine": machine()}
 
     def subset(seed: int) -> Subset:
@@ -201,9 +210,12 @@ def main() -> None:
 
     # warm-up, untimed: compiles the fused kernels for every batch shape the searches below meet
     warm = Subset(pool, list(range(args.batch_size + 1)))
-    AlphaSearch(alphas=[0.0, 0.25], eps=args.eps, n_iter=1, batch_size=args.batch_size).run(
-        model, warm, trainer=trainer
-    )
+    AlphaSearch(
+        alphas=[0.0, 0.25],
+        threat=common["threat"],
+        attacks=AttackConfig(names=list(SEARCH_ATTACKS), n_iter=1),
+        batch_size=args.batch_size,
+    ).run(model, warm, trainer=trainer)
 
     # 0. optional reference: an exhaustive search on many more samples, twice (two sets of random starts); its
     #    choice is what both schedules on small subsets try to find
@@ -244,14 +256,14 @@ def main() -> None:
         runs = [("exhaustive", seed), ("successive_halving", seed)][:: 1 if seed % 2 == 0 else -1]
         for schedule, attack_seed in [*runs, ("exhaustive", seed + REPEAT_SEED_OFFSET)]:
             start = time.perf_counter()
-            found = AlphaSearch(
-                alphas=PAPER_ALPHAS,
-                seed=attack_seed,
-                schedule=schedule,
-                elimination=args.elimination,
-                nonzero_finalists=args.nonzero_finalists,
-                **common,
-            ).run(model, data, trainer=trainer)
+            plan = (
+                SuccessiveHalving(nonzero_finalists=args.nonzero_finalists, elimination=args.elimination)
+                if schedule == "successive_halving"
+                else Exhaustive()
+            )
+            found = AlphaSearch(alphas=PAPER_ALPHAS, seed=attack_seed, schedule=plan, **common).run(
+                model, data, trainer=trainer
+            )
             key = schedule if attack_seed == seed else "exhaustive, other random starts"
             timed[key] = (found, time.perf_counter() - start)
         (exhaustive, exhaustive_s), (halving, halving_s) = timed["exhaustive"], timed["successive_halving"]

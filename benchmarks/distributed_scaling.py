@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from common import describe_machine, machine, write_json
 
-from meansparse_pl.checkpoint import safe_load
+from meansparse_pl.io import safe_load
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -92,7 +92,7 @@ def main() -> None:
                 means[n] = [state[k].double() for k in sorted(state) if k.endswith(".mean")]
                 wall = run(
                     [python, "cli.py", "alpha_search", "--config", args.search_config, f"--checkpoint={output}",
-                     "--alphas=[0, 0.25]", f"--limit_samples={args.samples}", f"--n_iter={args.n_iter}",
+                     "--alphas=[0, 0.25]", f"--limit_samples={args.samples}", f"--attacks.n_iter={args.n_iter}",
                      f"--output_dir={Path(tmp) / f'search_{n}'}", "--write_alpha=false", "--resume=false",
                      *trainer_args(args.accelerator, n)]
                 )  # fmt: skip

@@ -31,7 +31,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from meansparse_pl.attacks import eval_mode, pgd_perturb
+from meansparse_pl.attacks import pgd_perturb
+from meansparse_pl.modes import eval_mode
 from meansparse_pl.module import AdversarialClassifier
 
 

@@ -12,6 +12,7 @@ from torch import nn
 from meansparse_pl.errors import ConfigurationError
 from meansparse_pl.models.activations import get_activation
 from meansparse_pl.models.layers import Normalize, NormalizedClassifier
+from meansparse_pl.models.torchvision_models import build_torchvision_model
 
 __all__ = ["TORCHVISION_PREFIX", "create_model", "list_models", "register_model"]
 
@@ -89,8 +90,6 @@ def create_model(
     get_activation(activation)  # fail on an unknown activation before building anything
 
     if isinstance(name, str) and name.startswith(TORCHVISION_PREFIX):
-        from meansparse_pl.models.torchvision_models import build_torchvision_model
-
         backbone = build_torchvision_model(
             name[len(TORCHVISION_PREFIX) :],
             num_classes=num_classes,
