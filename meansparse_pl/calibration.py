@@ -14,19 +14,24 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import os
 import time
 import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from tqdm.auto import tqdm
 
+from meansparse_pl import preemption
 from meansparse_pl.config import check_optional_positive_int
-from meansparse_pl.errors import ConfigurationError, DataNotFoundError, StatisticsError
+from meansparse_pl.errors import CheckpointError, ConfigurationError, DataNotFoundError, StatisticsError
+from meansparse_pl.io import atomic_torch_save, safe_load, state_digest
 from meansparse_pl.modes import eval_mode
 from meansparse_pl.ops import MeanSparse, require_operators
 from meansparse_pl.statistics import OperatorMoments
@@ -179,24 +184,102 @@ def calibrate(
 
 class CalibrationModule(pl.LightningModule):
     """The :class:`Calibrator` inside Lightning's predict loop (``cli.py postprocess``): the Trainer provides
-    devices, sharding without padding, and the progress bar; the statistics are merged at the end."""
+    devices, sharding without padding, and the progress bar; the statistics are merged at the end.
 
-    def __init__(self, model: nn.Module) -> None:
+    With ``state_path``, a stop requested by SIGTERM / SIGUSR1 saves the moments gathered so far (one file per
+    process) and raises :class:`~meansparse_pl.errors.Interrupted`; the same run started again skips the
+    batches already seen and continues from those moments, so the statistics are exactly those of an
+    uninterrupted pass. A state written for another model or data is ignored (it is only a head start).
+    """
+
+    def __init__(self, model: nn.Module, state_path: str | os.PathLike | None = None) -> None:
         super().__init__()
         self.model = model
+        self.state_path = state_path
         self.images = 0
         self.calibrator: Calibrator | None = None
+        self._skip = 0
         self._observing = contextlib.ExitStack()
+
+    def _state_file(self) -> Path | None:
+        return None if self.state_path is None else Path(f"{self.state_path}.rank{self.global_rank}")
+
+    def _fingerprint(self) -> str:
+        digest = state_digest(self.model.state_dict())
+        digest.update(f"{self.trainer.num_predict_batches} {self.trainer.world_size}".encode())
+        return digest.hexdigest()[:16]
 
     def on_predict_start(self) -> None:
         self.calibrator = Calibrator(self.model)
+        self._skip = 0
+        path = self._state_file()
+        if path is not None and path.is_file():
+            saved = self._saved_state(path)
+            if saved is not None:
+                self.calibrator.moments.moments.copy_(saved["moments"])
+                self.calibrator.moments.images.fill_(float(saved["images"]))
+                self.calibrator.batches = self._skip = int(saved["batches"])
+                rank_zero_info(f"MeanSparse statistics: resuming after {self._skip} batches ({path})")
+            else:
+                rank_zero_info(
+                    f"MeanSparse statistics: {path} belongs to another run or is unreadable; starting over"
+                )
         self._observing.enter_context(self.calibrator.observing())
+
+    def _saved_state(self, path: Path) -> dict[str, Any] | None:
+        """The saved progress, if it is this run's and well formed."""
+        assert self.calibrator is not None
+        try:
+            saved = safe_load(path)
+        except CheckpointError:
+            return None
+        moments, images, batches = saved.get("moments"), saved.get("images"), saved.get("batches")
+        fits = (
+            saved.get("fingerprint") == self._fingerprint()
+            and isinstance(moments, torch.Tensor)
+            and moments.shape == self.calibrator.moments.moments.shape
+            and isinstance(images, float)
+            and isinstance(batches, int)
+            and 0 <= batches <= self.trainer.num_predict_batches[0]
+        )
+        return saved if fits else None
 
     def predict_step(self, batch: Any, batch_idx: int) -> None:
         assert self.calibrator is not None
-        self.calibrator.observe(batch)
+        if batch_idx < self._skip:
+            return
+        try:
+            self.calibrator.observe(batch)
+            preemption.stop_if_requested(self._save_and_explain)
+        except BaseException:
+            self._observing.close()  # a refused batch or a stop: the operators are left as they were
+            raise
+
+    def _save_and_explain(self, signal_name: str) -> str:
+        assert self.calibrator is not None
+        path = self._state_file()
+        if path is None:
+            return f"the statistics pass stopped on {signal_name}; nothing was kept, run it again"
+        moments = self.calibrator.moments
+        atomic_torch_save(
+            {
+                "fingerprint": self._fingerprint(),
+                "moments": moments.moments.detach().cpu(),
+                "images": float(moments.images),
+                "batches": self.calibrator.batches,
+            },
+            path,
+        )
+        return (
+            f"the statistics pass stopped on {signal_name} after {self.calibrator.batches} batches, saved in {path}; "
+            "run the same command again to resume"
+        )
 
     def on_predict_end(self) -> None:
         self._observing.close()
         assert self.calibrator is not None
         self.images = self.calibrator.finish()
+        path = self._state_file()
+        if path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()

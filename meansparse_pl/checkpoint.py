@@ -16,10 +16,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from meansparse_pl.errors import CheckpointError, MeanSparseError
+from meansparse_pl.architecture import build_registry_model, check_architecture, network_options
+from meansparse_pl.errors import RECREATE_FILE, CheckpointError, MeanSparseError, StatisticsError
 from meansparse_pl.io import atomic_torch_save, load_error_detail, safe_load
-from meansparse_pl.models import create_model
-from meansparse_pl.ops import get_alpha, operators
+from meansparse_pl.ops import MeanSparse, operators
 from meansparse_pl.placement import Placement, placement_of, sparsify_like
 
 FORMAT = "meansparse_pl.checkpoint/1"
@@ -27,13 +27,17 @@ LIGHTNING_PREFIX = "model."
 
 
 def placement_record(model: nn.Module, architecture: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The ``meansparse`` entry of a checkpoint: placement, alpha and (optionally) how to build the model."""
+    """The ``meansparse`` entry of a checkpoint: placement, alpha and (optionally) how to build the model.
+
+    ``alpha`` is the one value every operator shares, or None where they differ (each operator's own alpha is
+    in the state dict either way)."""
+    values = {float(op.alpha) for op in operators(model)}
     return {
         "format": FORMAT,
         "placement": placement_of(model).to_dict(),
-        "alpha": get_alpha(model),
+        "alpha": values.pop() if len(values) == 1 else None,
         "calibrated": all(op.is_calibrated for op in operators(model)),
-        "architecture": architecture,
+        "architecture": check_architecture(architecture, "the architecture to save"),
     }
 
 
@@ -44,11 +48,13 @@ def save_checkpoint(
     architecture: dict[str, Any] | None = None,
     metadata: dict[str, Any] | None = None,
 ) -> Path:
-    """Write ``model`` (a sparsified model) atomically.
+    """Write ``model`` (a sparsified model) atomically; operators may carry different alphas.
 
     Args:
-        architecture: ``{"name": <meansparse_pl.models name>, "kwargs": {...}}`` lets :func:`load_checkpoint`
-            build the model itself; without it the caller passes a fresh model instance when loading.
+        architecture: how :func:`load_checkpoint` rebuilds the network: ``{"name": <meansparse_pl.models name>,
+            "kwargs": {...}}`` (rebuilt automatically) or ``{"class_path": ..., "init_args": {...}}``
+            (recorded as text; the loader asks for the model instead of importing it). Without it the caller
+            passes a fresh model instance when loading.
         metadata: plain values (numbers, strings, lists, dicts) stored alongside, e.g. the alpha-search result.
     """
     payload = {
@@ -59,14 +65,51 @@ def save_checkpoint(
     return atomic_torch_save(payload, path)
 
 
-def _model_state(payload: dict[str, Any]) -> dict[str, torch.Tensor]:
+def model_state(
+    payload: dict[str, Any], where: str | os.PathLike = "the checkpoint"
+) -> dict[str, torch.Tensor]:
+    """The network's state dict in a loaded file: a plain state dict, our checkpoint's ``state_dict``, or a
+    Lightning checkpoint of a module that wraps the network as ``self.model``; only tensors are accepted."""
     state = payload.get("state_dict", payload)
     if not isinstance(state, dict) or not state:
-        raise CheckpointError("the checkpoint has no state_dict.")
+        raise CheckpointError(f"{where} has no state_dict (a dictionary of tensors); {RECREATE_FILE}.")
     if any(isinstance(k, str) and k.startswith(LIGHTNING_PREFIX) for k in state):
-        # a Lightning checkpoint of a LightningModule that wraps the network as `self.model`
         state = {k[len(LIGHTNING_PREFIX) :]: v for k, v in state.items() if k.startswith(LIGHTNING_PREFIX)}
+    if not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+        raise CheckpointError(
+            f"{where}: the state_dict holds entries that are not tensors; the file is corrupt."
+        )
     return state
+
+
+def checkpoint_record(payload: dict[str, Any], path: str | os.PathLike) -> dict[str, Any]:
+    """The ``meansparse`` record of a loaded file, every field checked before anything is built from it."""
+    record = payload.get("meansparse")
+    if not isinstance(record, dict) or record.get("format") != FORMAT:
+        raise CheckpointError(
+            f"{path} is not a meansparse_pl checkpoint (no '{FORMAT}' record); for a plain trained model "
+            "use `cli.py postprocess` to sparsify and calibrate it first."
+        )
+    alpha = record.get("alpha")
+    if alpha is not None and (
+        isinstance(alpha, bool) or not isinstance(alpha, int | float) or not alpha >= 0
+    ):
+        raise CheckpointError(
+            f"{path}: the record's alpha {alpha!r} is not a number >= 0; the file is corrupt."
+        )
+    if not isinstance(record.get("calibrated", False), bool):
+        raise CheckpointError(
+            f"{path}: the record's 'calibrated' flag is not true or false; the file is corrupt."
+        )
+    try:
+        placement = Placement.from_dict(record.get("placement"))
+    except CheckpointError as error:
+        raise CheckpointError(f"{path}: {error}") from None
+    return {
+        **record,
+        "placement": placement,
+        "architecture": check_architecture(record.get("architecture"), str(path)),
+    }
 
 
 def load_checkpoint(
@@ -79,28 +122,49 @@ def load_checkpoint(
     """Rebuild a sparsified model from ``path``.
 
     ``model`` is a fresh instance of the architecture (its weights are overwritten); when omitted, the
-    checkpoint's ``architecture`` record builds it from the meansparse_pl model registry, and
-    ``fallback_model`` is used for files that record none. Nothing named in the file is imported or executed
-    beyond that registry.
+    checkpoint's ``architecture`` record builds it from the meansparse_pl model registry (after checking, on
+    the meta device, that the record fits the file's tensors), and ``fallback_model`` is used for files that
+    record none. Nothing named in the file is imported or executed beyond that registry: a file saved from a
+    network class names the ``--network`` options to pass instead. Every field of the file is checked before
+    use (statistics finite, variances and counts not negative, alpha a number >= 0, the placement record's
+    types, the tensor shapes).
     """
     payload = safe_load(path, map_location)
-    record = payload.get("meansparse")
-    if not isinstance(record, dict) or record.get("format") != FORMAT:
-        raise CheckpointError(
-            f"{path} is not a meansparse_pl checkpoint (no '{FORMAT}' record); for a plain trained model "
-            "use `cli.py postprocess` to sparsify and calibrate it first."
-        )
+    record = checkpoint_record(payload, path)
+    state = model_state(payload, path)
+    architecture = record["architecture"]
     if model is None:
-        if fallback_model is not None and not record.get("architecture"):
+        if architecture is None:
+            if fallback_model is None:
+                raise CheckpointError(
+                    f"{path} does not record its architecture; pass a fresh model instance: "
+                    "load_checkpoint(path, model)."
+                )
             model = fallback_model
+        elif "class_path" in architecture:
+            raise CheckpointError(
+                f"{path} was saved from the network {architecture['class_path']}, which is not in the model "
+                "registry, and a class named inside a file is never imported; pass a fresh instance "
+                f"(load_checkpoint(path, model)) or, on the command line, {network_options(architecture)}"
+            )
         else:
-            model = _build_architecture(record.get("architecture"), path)
+            model = build_registry_model(architecture, state, str(path))
     try:
-        sparse = rebuild_operators(model, record)
+        sparse = rebuild_operators(model, record["placement"])
     except CheckpointError as error:
-        raise CheckpointError(f"{path}: {error}") from error
-    _load_state(sparse, _model_state(payload), path, "is it the right architecture?")
+        raise CheckpointError(f"{path}: {error}") from None
+    if record.get("calibrated") and not all(
+        int(state.get(f"{name}.count", torch.ones(()))) != 0 for name in _operator_paths(sparse)
+    ):
+        raise CheckpointError(
+            f"{path}: operators marked calibrated have no element count; the file is corrupt."
+        )
+    _load_state(sparse, state, path, "is it the right architecture?")
     return sparse
+
+
+def _operator_paths(model: nn.Module) -> list[str]:
+    return [name for name, module in model.named_modules() if isinstance(module, MeanSparse)]
 
 
 def load_weights(
@@ -108,27 +172,48 @@ def load_weights(
 ) -> None:
     """Load trained weights into ``network``: a plain state dict, or a Lightning checkpoint of a module that
     wraps the network as ``self.model``; safely (weights_only) and strictly, with one clear error."""
-    _load_state(network, _model_state(safe_load(path)), path, hint)
+    _load_state(network, model_state(safe_load(path), path), path, hint)
 
 
 def _load_state(
     network: nn.Module, state: dict[str, torch.Tensor], path: str | os.PathLike, hint: str
 ) -> None:
+    """``load_state_dict`` (strict), with a misfit described in one line: missing and unexpected keys and shape
+    mismatches counted, the first of each named; and the operators' buffers checked on the way in."""
+    own = network.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    mismatched = [k for k in own if k in state and tuple(own[k].shape) != tuple(state[k].shape)]
+    if missing or unexpected or mismatched:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing, first {missing[0]}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected, first {unexpected[0]}")
+        if mismatched:
+            key = mismatched[0]
+            parts.append(
+                f"{len(mismatched)} of another shape, first {key}: file {tuple(state[key].shape)}, model {tuple(own[key].shape)}"
+            )
+        raise CheckpointError(f"{path}: weights do not fit the model ({'; '.join(parts)}); {hint}")
     try:
         network.load_state_dict(state, strict=True)
+    except StatisticsError as error:
+        raise CheckpointError(f"{path}: {error}") from None
     except RuntimeError as error:
         raise CheckpointError(
             f"{path}: weights do not fit the model ({load_error_detail(error)}); {hint}"
-        ) from error
+        ) from None
 
 
-def rebuild_operators(model: nn.Module, record: dict[str, Any]) -> nn.Module:
-    """Insert operators into a fresh ``model`` exactly where the checkpoint ``record`` says they were."""
-    placement = Placement.from_dict(record["placement"])
+def rebuild_operators(model: nn.Module, placement: Placement | dict[str, Any]) -> nn.Module:
+    """Insert operators into a fresh ``model`` exactly where the placement record says they were."""
+    if not isinstance(placement, Placement):
+        placement = Placement.from_dict(placement.get("placement") if "format" in placement else placement)
     try:
         sparse = sparsify_like(model, placement)
     except MeanSparseError as error:
-        raise CheckpointError(f"cannot rebuild the operators on this model: {error}") from error
+        raise CheckpointError(f"cannot rebuild the operators on this model: {error}") from None
     rebuilt = [(s.index, s.channel_dim, s.num_channels) for s in placement_of(sparse).sites]
     saved = [(s.index, s.channel_dim, s.num_channels) for s in placement.sites]
     if rebuilt != saved:
@@ -141,11 +226,3 @@ def rebuild_operators(model: nn.Module, record: dict[str, Any]) -> nn.Module:
             f"position {first} (index, channel dim, channels); the checkpoint belongs to another architecture."
         )
     return sparse
-
-
-def _build_architecture(architecture: Any, path: str | os.PathLike) -> nn.Module:
-    if not isinstance(architecture, dict) or "name" not in architecture:
-        raise CheckpointError(
-            f"{path} does not record its architecture; pass a fresh model instance: load_checkpoint(path, model)."
-        )
-    return create_model(architecture["name"], **dict(architecture.get("kwargs") or {}))

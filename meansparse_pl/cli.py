@@ -14,7 +14,10 @@ Extending: a new subcommand is a method of :class:`~meansparse_pl.trainer.MeanSp
 signature and runs it).
 
 Errors a user can cause (:class:`~meansparse_pl.errors.MeanSparseError`) are printed by :func:`main` as one
-``error: <message>`` line on stderr with exit status 2, like argparse's own errors, instead of a traceback.
+``error: <message>`` line on stderr with exit status 2, like argparse's own errors, instead of a traceback; the
+subcommand's own options are checked right after parsing, before the model and the data are built. SIGTERM and
+SIGUSR1 stop a running subcommand at its next safe point with its progress saved: one ``stopped: ...`` line says
+how to resume, and the exit status is ``128 + signal``.
 """
 
 from __future__ import annotations
@@ -25,8 +28,10 @@ from typing import Any
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 
-from meansparse_pl.errors import MeanSparseError
+from meansparse_pl import preemption
+from meansparse_pl.errors import Interrupted, MeanSparseError
 from meansparse_pl.module import AdversarialClassifier
+from meansparse_pl.steps import check_options
 from meansparse_pl.trainer import MeanSparseTrainer
 
 EXIT_USER_ERROR = 2
@@ -67,6 +72,26 @@ class MeanSparseCLI(LightningCLI):
             "evaluate": {"model", "datamodule"},
         }
 
+    def before_instantiate_classes(self) -> None:
+        """Check the subcommand's own options before the model and the data are built (a bad attack name or
+        batch size is one line at once, not after the loading)."""
+        subcommand = self.subcommand
+        if subcommand is not None:
+            check_options(subcommand, self.config[subcommand])
+
+    def _record_network(self) -> None:
+        """Tell the trainer which ``--network`` was given (class path and init arguments, as text), so the
+        checkpoint it writes says how to rebuild the network."""
+        network = self.config[self.subcommand].get("network")
+        if network is not None:
+            init_args = network.get("init_args")
+            self.trainer.network_record = {
+                "class_path": network["class_path"],
+                "init_args": init_args.as_dict() if hasattr(init_args, "as_dict") else dict(init_args or {}),
+            }
+
+    before_postprocess = before_alpha_search = before_evaluate = _record_network
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         """Link the datamodule's data-set facts into the model at instantiation time."""
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
@@ -91,8 +116,15 @@ def main(args: ArgsType = None) -> MeanSparseCLI:
         The finished CLI, whose ``model``, ``datamodule`` and ``trainer`` can be inspected (in-process use).
     """
     try:
-        return MeanSparseCLI(args=args)
+        with preemption.watching():
+            return MeanSparseCLI(args=args)
     except MeanSparseError as err:
-        message = " ".join(str(err).split())  # one line, whatever the message's own line breaks
-        print(f"error: {message}", file=sys.stderr)
+        print(f"error: {_one_line(err)}", file=sys.stderr)
         sys.exit(EXIT_USER_ERROR)
+    except Interrupted as stop:
+        print(f"stopped: {_one_line(stop)}", file=sys.stderr)
+        sys.exit(128 + stop.signal_number)
+
+
+def _one_line(message: object) -> str:
+    return " ".join(str(message).split())  # one line, whatever the message's own line breaks

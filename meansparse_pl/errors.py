@@ -8,6 +8,12 @@ class MeanSparseError(Exception):
     """Base class of every user-facing error in meansparse_pl."""
 
 
+# the fix every "this file is damaged" message names
+RECREATE_FILE = (
+    "the file is corrupt or was not written by meansparse_pl: save the model again with save_checkpoint"
+)
+
+
 class ConfigurationError(MeanSparseError, ValueError):
     """A bad argument or configuration value (negative alpha, epsilon <= 0, unknown name, ...)."""
 
@@ -34,3 +40,16 @@ class DataNotFoundError(MeanSparseError, FileNotFoundError):
 
 class DataFormatError(MeanSparseError, ValueError):
     """A data file exists but is not in the expected format (bad magic number, truncated, wrong shape)."""
+
+
+class OutputError(MeanSparseError, OSError):
+    """A file or folder cannot be written where it was asked to go (a directory, no permission, another run)."""
+
+
+class Interrupted(Exception):
+    """A run stopped on request (SIGTERM / SIGUSR1) at a safe point, its progress saved: not an error of the
+    user's input, so not a MeanSparseError. ``signal_number`` is the signal that asked for the stop."""
+
+    def __init__(self, message: str, signal_number: int) -> None:
+        super().__init__(message)
+        self.signal_number = signal_number

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -29,10 +30,11 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchmetrics import CatMetric
 
+from meansparse_pl import preemption
 from meansparse_pl.attacks import run_attack
 from meansparse_pl.config import ThreatModel
-from meansparse_pl.errors import CheckpointError, ConfigurationError
-from meansparse_pl.io import atomic_torch_save
+from meansparse_pl.errors import CheckpointError, ConfigurationError, Interrupted
+from meansparse_pl.io import atomic_torch_save, state_digest
 from meansparse_pl.modes import eval_mode
 from meansparse_pl.ops import MeanSparse, operators, set_alpha
 
@@ -84,12 +86,20 @@ class ResumeState:
                 raise CheckpointError(
                     f"evaluation state {self.path} is unreadable ({type(error).__name__}); delete it to restart."
                 ) from error
+            results = saved.get("results") if isinstance(saved, dict) else None
+            if not isinstance(results, dict) or not all(
+                isinstance(k, str) and isinstance(v, dict) and all(isinstance(i, int) for i in v)
+                for k, v in results.items()
+            ):
+                raise CheckpointError(
+                    f"evaluation state {self.path} is not a state file of this package; delete it."
+                )
             if saved.get("fingerprint") != fingerprint:
                 raise ConfigurationError(
                     f"evaluation state {self.path} belongs to a different run (model, data or attack settings "
                     "changed); delete it or choose another state path."
                 )
-            self.results = {k: {int(i): bool(c) for i, c in v.items()} for k, v in saved["results"].items()}
+            self.results = {k: {int(i): bool(c) for i, c in v.items()} for k, v in results.items()}
 
     def done(self, key: str, indices: Sequence[int]) -> bool:
         finished = self.results.get(key, {})
@@ -126,14 +136,7 @@ def fingerprint_of(model: nn.Module, tasks: Sequence[EvaluationTask], dataset: D
         f"{name}.alpha" if name else "alpha" for name, m in model.named_modules() if isinstance(m, MeanSparse)
     }
     model_alphas = [float(op.alpha) for op in operators(model)]
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        if name in operator_alphas:
-            continue
-        # shape, a prefix and the sum identify a tensor well enough without hashing gigabytes of weights
-        flat = tensor.detach().reshape(-1).to(torch.float64)
-        digest.update(f"{name}{tuple(tensor.shape)}{flat.sum().item():.10e}".encode())
-        digest.update(flat[:256].cpu().numpy().tobytes())
+    digest = state_digest(model.state_dict(), skip=operator_alphas)
     spec = [
         (
             t.key,
@@ -221,8 +224,21 @@ class EvaluationModule(pl.LightningModule):
                     f"evaluate: {task.key} on {len(index_list)} samples (batch {batch_idx + 1}): "
                     f"{100.0 * float(correct.float().mean()):.2f}% in {time.perf_counter() - started:.0f} s"
                 )
+                self._stop_if_requested()
             rows = torch.stack([indices.cpu().to(torch.float64), correct.to(torch.float64)], dim=1)
             self.rows[self._metric_name(task.key)].update(rows.to(self.device))
+
+    def _stop_if_requested(self) -> None:
+        """A stop asked for by SIGTERM / SIGUSR1 (or Lightning's own SIGTERM flag) after an attack whose result is
+        saved: one line says how to resume."""
+        where = self.state.path if self.state is not None else None
+        if where is not None:
+            hint = f"its results so far are saved in {where}; run the same command again to resume"
+        else:
+            hint = "resume is off, so nothing was kept; run again with resume on to keep progress"
+        if self.trainer.received_sigterm and preemption.requested() is None:
+            raise Interrupted(f"the evaluation stopped on SIGTERM; {hint}", signal.SIGTERM)
+        preemption.stop_if_requested(lambda name: f"the evaluation stopped on {name}; {hint}")
 
     def gathered(self) -> dict[str, dict[int, bool]]:
         """Per task, index -> correct, over all processes (torchmetrics gathers the rows)."""
@@ -269,13 +285,17 @@ def run_tasks(
     if len(dataset) == 0:  # type: ignore[arg-type]
         raise ConfigurationError("the evaluation data set is empty.")
     previous_alpha = [(op, float(op.alpha)) for op in operators(model)]
+    fingerprint = fingerprint_of(model, tasks, dataset, seed)
+    ResumeState(
+        state_path, fingerprint, trainer.global_rank
+    )  # another run's state is refused before anything runs
     module = EvaluationModule(
         model,
         tasks,
         seed=seed,
         attack_batch_size=batch_size,
         state_path=state_path,
-        fingerprint=fingerprint_of(model, tasks, dataset, seed),
+        fingerprint=fingerprint,
     )
     try:
         with eval_mode(model):

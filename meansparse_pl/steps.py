@@ -1,19 +1,96 @@
-"""What the CLI subcommands share: which model a checkpoint holds, which trained weights to load, which samples
-to use. Kept apart from :mod:`meansparse_pl.trainer`, whose methods are the subcommands' option lists."""
+"""What the CLI subcommands share: the checks of their options (made before any data or model is loaded), which
+model a checkpoint holds, which trained weights to load, which samples to use, and whether the data fit the
+model. Kept apart from :mod:`meansparse_pl.trainer`, whose methods are the subcommands' option lists."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 from torch import nn
 from torch.utils.data import Dataset, Subset
 
+from meansparse_pl.alpha_search import check_alphas
+from meansparse_pl.attacks import check_attack_config
+from meansparse_pl.calibration import check_input_shape, expected_input_shape
 from meansparse_pl.checkpoint import load_checkpoint, load_weights
-from meansparse_pl.config import check_optional_positive_int
-from meansparse_pl.errors import CheckpointError, ConfigurationError
+from meansparse_pl.config import (
+    AttackConfig,
+    PlacementConfig,
+    ThreatModel,
+    check_alpha,
+    check_number,
+    check_optional_positive_int,
+    check_positive_int,
+)
+from meansparse_pl.errors import CheckpointError, ConfigurationError, DataNotFoundError
 from meansparse_pl.ops import require_operators
+from meansparse_pl.placement import get_preset
+from meansparse_pl.report import COMPOSITE_ATTACKS
 from meansparse_pl.robustbench import load_robustbench_weights
+
+
+def _as(cls: type, value: Any) -> Any:
+    """A config object from the value LightningCLI parsed: the object itself, or its fields (a Namespace or a
+    dict), checked by the object's own constructor."""
+    if value is None or isinstance(value, cls):
+        return value
+    fields = value.as_dict() if hasattr(value, "as_dict") else dict(value)
+    return cls(**fields)
+
+
+def _existing_file(name: str, value: Any) -> None:
+    if value is None:
+        return
+    path = Path(value)
+    if not path.is_file():
+        raise DataNotFoundError(f"no {name} file at {path}; check the path (a directory or a typo?).")
+
+
+def _writable_file(name: str, value: Any) -> None:
+    if value is not None and Path(value).is_dir():
+        raise ConfigurationError(f"{name} {value} is a directory; give a file name inside it.")
+
+
+def check_options(subcommand: str, options: Mapping[str, Any]) -> None:
+    """Every check of a MeanSparse subcommand's own options that needs no data and no model: attack names and
+    options, threat model, alphas, batch sizes, limits, paths. ``cli.py`` runs it right after parsing, so a bad
+    value is one line before anything is loaded; the subcommand itself runs it again on its arguments."""
+    if subcommand not in ("postprocess", "alpha_search", "evaluate"):
+        return
+    get = options.get
+    check_positive_int("batch_size", get("batch_size", 1), "the number of images per attacked batch")
+    check_optional_positive_int("limit_samples", get("limit_samples"), "or null for every sample")
+    if subcommand == "postprocess":
+        check_alpha(get("alpha", 0.0))
+        placement = _as(PlacementConfig, get("placement"))
+        if placement is not None and placement.strategy != "published":
+            get_preset(placement.preset)
+        _existing_file("checkpoint", get("checkpoint"))
+        _writable_file("output", get("output"))
+        return
+    _existing_file("checkpoint", get("checkpoint"))
+    threat = _as(ThreatModel, get("threat")) or ThreatModel()
+    attacks = _as(AttackConfig, get("attacks"))
+    if subcommand == "alpha_search":
+        check_alphas(get("alphas", [0.0]))
+        check_number("max_clean_drop", get("max_clean_drop", 0.5), minimum=0.0, hint="in points")
+        if attacks is not None:
+            check_attack_config(attacks)
+        return
+    if attacks is not None:
+        check_attack_config(attacks, COMPOSITE_ATTACKS)
+    for eps in get("extra_eps") or []:
+        threat.with_eps(eps)
+    if get("large_eps") is not None:
+        threat.with_eps(get("large_eps"))
+    if get("alpha") is not None:
+        check_alpha(get("alpha"))
+    site = get("histogram_site")
+    if site is not None and (isinstance(site, bool) or not isinstance(site, int) or site < 0):
+        raise ConfigurationError(f"histogram_site must be an operator site index >= 0, got {site!r}.")
 
 
 def first_samples(dataset: Dataset, limit: int | None) -> Dataset:
@@ -24,14 +101,25 @@ def first_samples(dataset: Dataset, limit: int | None) -> Dataset:
     return Subset(dataset, range(limit))
 
 
-def calibrated_model(checkpoint: str, fallback: nn.Module | None) -> nn.Module:
-    """The sparsified model of ``checkpoint``; every operator must carry statistics."""
-    sparse = load_checkpoint(checkpoint, fallback_model=fallback)
+def calibrated_model(checkpoint: str, network: nn.Module | None, fallback: nn.Module | None) -> nn.Module:
+    """The sparsified model of ``checkpoint`` (built on ``network`` when one is given); every operator must carry
+    statistics."""
+    sparse = load_checkpoint(checkpoint, network, fallback_model=fallback)
     if not all(op.is_calibrated for op in require_operators(sparse)):
         raise CheckpointError(
             f"{checkpoint} has uncalibrated MeanSparse operators; run `cli.py postprocess` on it first."
         )
     return sparse
+
+
+def check_data_fits(model: nn.Module, dataset: Dataset, datamodule: Any, checkpoint: str) -> None:
+    """One error naming both shapes when the data's images are not of the shape the operators were placed for
+    (a 1-channel checkpoint and CIFAR data, say), instead of a convolution's traceback."""
+    if len(dataset) == 0:  # type: ignore[arg-type]
+        return
+    image = dataset[0][0]
+    where = f"the data module {type(datamodule).__name__} and the checkpoint {checkpoint} do not fit"
+    check_input_shape(expected_input_shape(model), image[None], where)
 
 
 def load_trained_weights(module: pl.LightningModule, checkpoint: str, *, from_network: bool) -> None:

@@ -11,6 +11,7 @@ once), with Lightning's progress bar. The methods are glue: the work is done by 
 
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 from typing import Literal
@@ -29,24 +30,37 @@ from meansparse_pl.alpha_search import (
     Schedule,
     Selection,
 )
-from meansparse_pl.attacks import check_attack_config, options_for, worst_case
+from meansparse_pl.architecture import network_record
+from meansparse_pl.attacks import options_for, worst_case
 from meansparse_pl.calibration import CalibrationModule, images_of
 from meansparse_pl.checkpoint import save_checkpoint
 from meansparse_pl.config import AttackConfig, PlacementConfig, ThreatModel, check_alpha
 from meansparse_pl.errors import ConfigurationError
 from meansparse_pl.evaluation import EvaluationTask, run_tasks
-from meansparse_pl.io import atomic_write, atomic_write_json, atomic_write_text, safe_load
+from meansparse_pl.io import (
+    LOCK_NAME,
+    atomic_write,
+    atomic_write_json,
+    atomic_write_text,
+    output_lock,
+    safe_load,
+)
 from meansparse_pl.ops import get_alpha, set_alpha
-from meansparse_pl.placement import describe, get_preset, sparsify
+from meansparse_pl.placement import describe, sparsify
 from meansparse_pl.report import (
-    COMPOSITE_ATTACKS,
     RobustnessReport,
     VariantResult,
     atomic_attacks,
     channel_histogram,
     summarise,
 )
-from meansparse_pl.steps import calibrated_model, first_samples, load_trained_weights
+from meansparse_pl.steps import (
+    calibrated_model,
+    check_data_fits,
+    check_options,
+    first_samples,
+    load_trained_weights,
+)
 
 EVALUATE_ATTACKS = ("clean", "autoattack", "apgd-ce", "apgd-ce+dlr", "bpda-apgd-ce")
 LARGE_EPS_ATTACKS = ("apgd-ce", "bpda-apgd-ce")
@@ -76,38 +90,40 @@ class MeanSparseTrainer(pl.Trainer):
             placement: Where the operators go (include, exclude, sites, centre, preset, channel_dims,
                 fuse_activations, strategy, leaf_modules; see PlacementConfig).
         """
-        check_alpha(alpha)
-        if placement.strategy != "published":
-            get_preset(placement.preset)
+        check_options("postprocess", locals())
         if network is not None:
             model.model = network
         if getattr(model, "model", None) is None:
             raise ConfigurationError("no network to post-process: configure model.backbone or --network.")
-        if checkpoint:
-            load_trained_weights(model, checkpoint, from_network=network is not None)
-        datamodule.setup("fit")
-        loader = datamodule.calibration_dataloader()
-        start = time.perf_counter()
-        sparse = sparsify(model.model, images_of(next(iter(loader)))[:1], placement)
-        calibration = CalibrationModule(sparse)
-        self.predict(calibration, dataloaders=loader, return_predictions=False)
-        set_alpha(sparse, alpha)
-        summary = {
-            "images": calibration.images,
-            "seconds": round(time.perf_counter() - start, 2),
-            "limit_predict_batches": self.limit_predict_batches,
-            "source_checkpoint": checkpoint,
-        }
-        if self.is_global_zero:
-            architecture = (
-                model.architecture() if network is None and hasattr(model, "architecture") else None
-            )
-            save_checkpoint(sparse, output, architecture=architecture, metadata={"calibration": summary})
-            rank_zero_info(
-                f"{describe(sparse)}\n\nStatistics over {calibration.images} training images in "
-                f"{summary['seconds']} s; wrote {output}"
-            )
-        self.strategy.barrier("postprocess_saved")
+        output_path = Path(output)
+        with self._holding(output_path.parent, f".{output_path.name}.lock"):
+            if checkpoint:
+                load_trained_weights(model, checkpoint, from_network=network is not None)
+            datamodule.setup("fit")
+            loader = datamodule.calibration_dataloader()
+            start = time.perf_counter()
+            sparse = sparsify(model.model, images_of(next(iter(loader)))[:1], placement)
+            calibration = CalibrationModule(sparse, state_path=f"{output}.statistics-state")
+            self.predict(calibration, dataloaders=loader, return_predictions=False)
+            set_alpha(sparse, alpha)
+            summary = {
+                "images": calibration.images,
+                "seconds": round(time.perf_counter() - start, 2),
+                "limit_predict_batches": self.limit_predict_batches,
+                "source_checkpoint": checkpoint,
+            }
+            if self.is_global_zero:
+                save_checkpoint(
+                    sparse,
+                    output,
+                    architecture=self._architecture(model, network),
+                    metadata={"calibration": summary},
+                )
+                rank_zero_info(
+                    f"{describe(sparse)}\n\nStatistics over {calibration.images} training images in "
+                    f"{summary['seconds']} s; wrote {output}"
+                )
+            self.strategy.barrier("postprocess_saved")
 
     # ----------------------------------------------------------------------------------- alpha_search
     def alpha_search(
@@ -115,6 +131,7 @@ class MeanSparseTrainer(pl.Trainer):
         model: pl.LightningModule,
         datamodule: pl.LightningDataModule,
         checkpoint: str,
+        network: nn.Module | None = None,
         alphas: list[float] = list(PAPER_ALPHAS),  # noqa: B006 - LightningCLI reads the default from here
         threat: ThreatModel = ThreatModel(),
         attacks: AttackConfig = AttackConfig(names=list(SEARCH_ATTACKS)),
@@ -133,6 +150,8 @@ class MeanSparseTrainer(pl.Trainer):
 
         Args:
             checkpoint: Sparsified, calibrated checkpoint (from postprocess or MeanSparseCallback).
+            network: The network class the checkpoint was saved from (class_path + init_args), when it is not
+                a registry model.
             alphas: Grid of alpha values (paper: 0, 0.15, ..., 0.5); 0 is always included.
             threat: Threat model of the attacks: norm (Linf or L2) and eps in [0, 1] pixel units.
             attacks: Robust columns (default APGD-CE, APGD-DLR and BPDA-APGD-CE) and their options.
@@ -150,6 +169,7 @@ class MeanSparseTrainer(pl.Trainer):
             resume: Continue an interrupted search from its state file.
             write_alpha: Store the chosen alpha (and the search result) in the checkpoint.
         """
+        check_options("alpha_search", locals())
         search = AlphaSearch(
             alphas=alphas,
             threat=threat,
@@ -161,33 +181,34 @@ class MeanSparseTrainer(pl.Trainer):
             seed=seed,
             batch_size=batch_size,
         )
-        sparse = calibrated_model(checkpoint, getattr(model, "model", None)).to(self.strategy.root_device)
-        datamodule.setup("fit")
-        dataset = first_samples(datamodule.val_dataloader().dataset, limit_samples)
         out = Path(output_dir)
-        result = search.run(
-            sparse, dataset, trainer=self, state_path=out / "alpha_search.state" if resume else None
-        )
-        if self.is_global_zero:
-            atomic_write_text(out / "alpha_search.md", result.table() + "\n")
-            atomic_write_json(out / "alpha_search.json", result.to_json())
-            figure = result.plot()
-            atomic_write(
-                out / "alpha_search.png", lambda handle: figure.savefig(handle, format="png", dpi=120)
-            )
-            if write_alpha:
-                result.apply_to(sparse)
-                payload = safe_load(checkpoint)
-                metadata = dict(payload.get("metadata") or {})
-                metadata["alpha_search"] = result.to_json()
-                architecture = (payload.get("meansparse") or {}).get("architecture")
-                save_checkpoint(sparse.cpu(), checkpoint, architecture=architecture, metadata=metadata)
-            print(result.table())
-            print(
-                f"\nwrote {out}/alpha_search.{{md,json,png}}"
-                + (f"; alpha stored in {checkpoint}" if write_alpha else "")
-            )
-        self.strategy.barrier("alpha_search_saved")
+        with self._holding(out):
+            sparse = self._calibrated_model(checkpoint, network, model)
+            datamodule.setup("fit")
+            dataset = first_samples(datamodule.val_dataloader().dataset, limit_samples)
+            check_data_fits(sparse, dataset, datamodule, checkpoint)
+            state = out / "alpha_search.state" if resume else None
+            result = search.run(sparse, dataset, trainer=self, state_path=state)
+            if self.is_global_zero:
+                atomic_write_text(out / "alpha_search.md", result.table() + "\n")
+                atomic_write_json(out / "alpha_search.json", result.to_json())
+                figure = result.plot()
+                atomic_write(
+                    out / "alpha_search.png", lambda handle: figure.savefig(handle, format="png", dpi=120)
+                )
+                if write_alpha:
+                    result.apply_to(sparse)
+                    payload = safe_load(checkpoint)
+                    metadata = dict(payload.get("metadata") or {})
+                    metadata["alpha_search"] = result.to_json()
+                    architecture = (payload.get("meansparse") or {}).get("architecture")
+                    save_checkpoint(sparse.cpu(), checkpoint, architecture=architecture, metadata=metadata)
+                print(result.table())
+                print(
+                    f"\nwrote {out}/alpha_search.{{md,json,png}}"
+                    + (f"; alpha stored in {checkpoint}" if write_alpha else "")
+                )
+            self.strategy.barrier("alpha_search_saved")
 
     # --------------------------------------------------------------------------------------- evaluate
     def evaluate(
@@ -195,6 +216,7 @@ class MeanSparseTrainer(pl.Trainer):
         model: pl.LightningModule,
         datamodule: pl.LightningDataModule,
         checkpoint: str,
+        network: nn.Module | None = None,
         attacks: AttackConfig = AttackConfig(names=list(EVALUATE_ATTACKS)),
         threat: ThreatModel = ThreatModel(),
         extra_eps: list[float] | None = None,
@@ -213,6 +235,8 @@ class MeanSparseTrainer(pl.Trainer):
 
         Args:
             checkpoint: Sparsified, calibrated checkpoint (alpha from alpha_search).
+            network: The network class the checkpoint was saved from (class_path + init_args), when it is not
+                a registry model.
             attacks: Attacks and their options; names: clean, autoattack, apgd-ce, apgd-dlr, apgd-ce+dlr,
                 apgd-t, fab-t, pgd, square, bpda-apgd-ce, adaptive.
             threat: Threat model: norm (Linf or L2) and eps in [0, 1] pixel units.
@@ -228,57 +252,81 @@ class MeanSparseTrainer(pl.Trainer):
             resume: Continue an interrupted evaluation from its state file.
             histogram_site: Also plot this operator site's channel histogram before / after (paper Fig. 1).
         """
-        check_attack_config(attacks, COMPOSITE_ATTACKS)
+        check_options("evaluate", locals())
         radii = sorted({threat.eps, *(threat.with_eps(e).eps for e in extra_eps or [])})
         large = None if large_eps is None else threat.with_eps(large_eps)
-        sparse = calibrated_model(checkpoint, getattr(model, "model", None)).to(self.strategy.root_device)
-        alpha = get_alpha(sparse) if alpha is None else check_alpha(alpha)
-        variants = [("meansparse", alpha)] + ([("base", 0.0)] if compare_base and alpha != 0 else [])
-        atomic = atomic_attacks(attacks.names)
-        tasks = [
-            EvaluationTask(f"{v}/eps={e:g}/{a}", a, threat.with_eps(e), options_for(attacks, a), va)
-            for v, va in variants
-            for e in radii
-            for a in atomic
-        ]
-        if large is not None:
-            tasks += [
-                EvaluationTask(f"{v}/large/{a}", a, large, options_for(attacks, a), va)
-                for v, va in variants
-                for a in LARGE_EPS_ATTACKS
-            ]
-        datamodule.setup("test" if split == "test" else "fit")
-        loader = datamodule.test_dataloader() if split == "test" else datamodule.val_dataloader()
-        dataset = first_samples(loader.dataset, limit_samples)
         out = Path(output_dir)
-        per_sample = run_tasks(
-            sparse,
-            dataset,
-            tasks,
-            batch_size=batch_size,
-            seed=seed,
-            state_path=out / "evaluation.state" if resume else None,
-            trainer=self,
-        )
-        results = []
-        for v, va in variants:
-            for e in radii:
-                subset = {a: per_sample[f"{v}/eps={e:g}/{a}"] for a in atomic}
-                results.append(VariantResult(v, va, e, summarise(subset, attacks.names)))
-        report = RobustnessReport(
-            threat.norm, len(dataset), list(attacks.names), results, large_eps=large_eps
-        )  # type: ignore[arg-type]
-        if large is not None:
-            for v, _ in variants:
-                both = worst_case([per_sample[f"{v}/large/{a}"] for a in LARGE_EPS_ATTACKS])
-                report.large_eps_check[v] = 100.0 * sum(both.values()) / len(dataset)  # type: ignore[arg-type]
-        if self.is_global_zero:
-            atomic_write_text(out / "evaluation.md", report.table() + "\n")
-            atomic_write_json(out / "evaluation.json", report.to_json())
-            if histogram_site is not None:
-                channel_histogram(
-                    sparse, dataset, histogram_site, alpha, out / f"histogram_site{histogram_site}.png"
-                )
-            print(report.table())
-            print(f"\nwrote {out}/evaluation.{{md,json}}")
-        self.strategy.barrier("evaluate_saved")
+        with self._holding(out):
+            sparse = self._calibrated_model(checkpoint, network, model)
+            alpha = get_alpha(sparse) if alpha is None else check_alpha(alpha)
+            variants = [("meansparse", alpha)] + ([("base", 0.0)] if compare_base and alpha != 0 else [])
+            atomic = atomic_attacks(attacks.names)
+            tasks = [
+                EvaluationTask(f"{v}/eps={e:g}/{a}", a, threat.with_eps(e), options_for(attacks, a), va)
+                for v, va in variants
+                for e in radii
+                for a in atomic
+            ]
+            if large is not None:
+                tasks += [
+                    EvaluationTask(f"{v}/large/{a}", a, large, options_for(attacks, a), va)
+                    for v, va in variants
+                    for a in LARGE_EPS_ATTACKS
+                ]
+            datamodule.setup("test" if split == "test" else "fit")
+            loader = datamodule.test_dataloader() if split == "test" else datamodule.val_dataloader()
+            dataset = first_samples(loader.dataset, limit_samples)
+            check_data_fits(sparse, dataset, datamodule, checkpoint)
+            per_sample = run_tasks(
+                sparse,
+                dataset,
+                tasks,
+                batch_size=batch_size,
+                seed=seed,
+                state_path=out / "evaluation.state" if resume else None,
+                trainer=self,
+            )
+            results = []
+            for v, va in variants:
+                for e in radii:
+                    subset = {a: per_sample[f"{v}/eps={e:g}/{a}"] for a in atomic}
+                    results.append(VariantResult(v, va, e, summarise(subset, attacks.names)))
+            report = RobustnessReport(
+                threat.norm, len(dataset), list(attacks.names), results, large_eps=large_eps
+            )  # type: ignore[arg-type]
+            if large is not None:
+                for v, _ in variants:
+                    both = worst_case([per_sample[f"{v}/large/{a}"] for a in LARGE_EPS_ATTACKS])
+                    report.large_eps_check[v] = 100.0 * sum(both.values()) / len(dataset)  # type: ignore[arg-type]
+            if self.is_global_zero:
+                atomic_write_text(out / "evaluation.md", report.table() + "\n")
+                atomic_write_json(out / "evaluation.json", report.to_json())
+                if histogram_site is not None:
+                    channel_histogram(
+                        sparse, dataset, histogram_site, alpha, out / f"histogram_site{histogram_site}.png"
+                    )
+                print(report.table())
+                print(f"\nwrote {out}/evaluation.{{md,json}}")
+            self.strategy.barrier("evaluate_saved")
+
+    # ----------------------------------------------------------------------------------------- shared
+    #: set by ``cli.py`` before a subcommand runs: the ``--network`` it was given, as a checkpoint records it
+    network_record: dict | None = None
+
+    def _holding(self, folder: Path, lock_name: str = LOCK_NAME) -> contextlib.AbstractContextManager:
+        """The output folder held for this run (by rank 0, which writes the reports), or a refusal before any
+        file is written."""
+        return output_lock(folder, lock_name) if self.is_global_zero else contextlib.nullcontext(folder)
+
+    def _calibrated_model(
+        self, checkpoint: str, network: nn.Module | None, model: pl.LightningModule
+    ) -> nn.Module:
+        fallback = None if network is not None else getattr(model, "model", None)
+        return calibrated_model(checkpoint, network, fallback).to(self.strategy.root_device)
+
+    def _architecture(self, model: pl.LightningModule, network: nn.Module | None) -> dict | None:
+        """How the output checkpoint records its network: the ``--network`` class and init arguments, or the
+        model section's registry backbone."""
+        if network is not None:
+            return self.network_record or network_record(network)
+        return model.architecture() if hasattr(model, "architecture") else None

@@ -4,6 +4,7 @@ one-line error (never a traceback) for each kind of bad input."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -388,3 +389,47 @@ def test_one_placement_config_gives_the_same_sites_through_all_four_entry_points
     converted = convert_published(_PublishedSmallCNN(fresh()), x, config)
     assert summary(converted) == expected and all(op.centre == "zero" for op in operators(converted))
     assert [s.kind for s in placement_of(converted).sites] == ["published", "published"]
+
+
+def test_sigterm_stops_evaluate_within_one_attack_and_the_resumed_report_is_byte_identical(trained, tmp_path):
+    """A real CLI subprocess gets SIGTERM right after its first attack is saved: it stops at the next attack,
+    says how to resume, exits 128 + 15; the same command then finishes, and its report equals an uninterrupted
+    run's byte for byte."""
+    import signal
+    import time
+
+    command = [
+        sys.executable, str(ROOT / "cli.py"), "evaluate", *DATA, *QUIET, *MODEL,
+        f"--checkpoint={trained['sparse']}", "--alpha=0.3", "--attacks.names=[clean, apgd-ce, bpda-apgd-ce]",
+        "--attacks.n_iter=20", "--limit_samples=64", "--batch_size=8",
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    reference = subprocess.run(
+        [*command, f"--output_dir={tmp_path / 'whole'}"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert reference.returncode == 0, reference.stderr[-2000:]
+    interrupted = [*command, f"--output_dir={tmp_path / 'stopped'}"]
+    state = tmp_path / "stopped" / "evaluation.state.rank0"
+    process = subprocess.Popen(interrupted, cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not state.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGTERM, stderr[-2000:]
+    assert "Traceback" not in stderr
+    last = stderr.strip().splitlines()[-1]
+    assert (
+        last.startswith("stopped: the evaluation stopped on SIGTERM") and "run the same command again" in last
+    )
+    saved = torch.load(state, weights_only=True)["results"]
+    finished = sum(len(per_sample) for per_sample in saved.values()) // 8  # attack-batches done
+    assert 1 <= finished < 2 * 3 * 8  # 2 models x 3 attacks x 8 batches: it stopped early
+    resumed = subprocess.run(interrupted, cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    for name in ("evaluation.md", "evaluation.json"):
+        assert (tmp_path / "stopped" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes()

@@ -442,3 +442,63 @@ def test_images_of_another_shape_than_the_placement_are_one_clear_error():
         ConfigurationError, match=r"shape \(3, 6, 6\) but the model's operators were placed for \(3, 8, 8\)"
     ):
         calibrate(model, [torch.rand(4, 3, 6, 6)], progress=False)
+
+
+def test_a_statistics_pass_stopped_by_a_signal_resumes_to_the_same_statistics(tmp_path):
+    """SIGTERM (a real one, to this process) during the CLI's statistics pass: the moments so far are saved and
+    the pass stops; run again, it skips the batches already seen and ends with exactly the statistics of an
+    uninterrupted pass."""
+    import os
+    import signal
+
+    import lightning.pytorch as pl
+
+    from meansparse_pl import preemption
+    from meansparse_pl.calibration import CalibrationModule
+    from meansparse_pl.errors import Interrupted
+
+    batches = make_batches((3, 8, 8), 64, 8, seed=21)
+    base = randomize_batchnorm(FunctionalResNet()).eval()
+    reference = sparsify(copy.deepcopy(base), (3, 8, 8))
+    calibrate(reference, batches, progress=False)
+
+    class SignalAfterThree(torch.utils.data.Dataset):
+        """The batches, with SIGTERM sent to this process while the fourth is loaded (the first time only)."""
+
+        sent = False
+
+        def __len__(self) -> int:
+            return len(batches)
+
+        def __getitem__(self, index: int) -> torch.Tensor:
+            if index == 3 and not SignalAfterThree.sent:
+                SignalAfterThree.sent = True
+                os.kill(os.getpid(), signal.SIGTERM)
+            return batches[index]
+
+    loader = torch.utils.data.DataLoader(SignalAfterThree(), batch_size=None)
+    model = sparsify(copy.deepcopy(base), (3, 8, 8))
+    state = tmp_path / "statistics"
+
+    def run() -> CalibrationModule:
+        trainer = pl.Trainer(
+            accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False
+        )
+        module = CalibrationModule(model, state_path=state)
+        trainer.predict(module, dataloaders=loader, return_predictions=False)
+        return module
+
+    with (
+        preemption.watching(),
+        pytest.raises(Interrupted, match="after 4 batches.*run the same command again"),
+    ):
+        run()
+    assert (tmp_path / "statistics.rank0").exists() and not any(op.is_calibrated for op in operators(model))
+    assert all(op.observer is None for op in operators(model))  # nothing left attached by the stop
+    with preemption.watching():
+        module = run()
+    assert module.images == 64 and not (tmp_path / "statistics.rank0").exists()
+    for op, ref in zip(operators(model), operators(reference), strict=True):
+        assert torch.equal(op.count, ref.count)
+        torch.testing.assert_close(op.mean, ref.mean, rtol=0, atol=0)
+        torch.testing.assert_close(op.var, ref.var, rtol=0, atol=0)

@@ -120,11 +120,12 @@ def check_attack_config(config: AttackConfig, composites: dict[str, tuple[str, .
     for name in config.names:
         for part in (composites or {}).get(name, (name,)):
             _resolve_options(part, _spec(part), options_for(config, part))
-    stray = sorted(set(config.options) - set(ATTACK_NAMES))
+    running = {part for name in config.names for part in (composites or {}).get(name, (name,))}
+    stray = sorted(set(config.options) - running)
     if stray:
         raise ConfigurationError(
-            f"options are given for {', '.join(stray)}, which is not an attack that runs; give them to one of "
-            f"{', '.join(ATTACK_NAMES)} (a combined column such as apgd-ce+dlr takes its parts' options)."
+            f"options are given for {', '.join(stray)}, which is not an attack that runs ({', '.join(sorted(running))}); "
+            "add it to the names or remove its options (a combined column such as apgd-ce+dlr takes its parts')."
         )
 
 

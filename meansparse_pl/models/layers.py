@@ -29,21 +29,21 @@ class Normalize(nn.Module):
 
     def __init__(self, mean: Sequence[float], std: Sequence[float], num_channels: int | None = None) -> None:
         super().__init__()
-        mean_t = _as_channel_vector(mean, "mean", num_channels)
-        std_t = _as_channel_vector(std, "std", num_channels)
-        if mean_t.numel() != std_t.numel():
-            if mean_t.numel() == 1:
-                mean_t = mean_t.expand(std_t.numel()).clone()
-            elif std_t.numel() == 1:
-                std_t = std_t.expand(mean_t.numel()).clone()
+        # checked as Python numbers, so the module can also be built on the meta device (no values there)
+        means, stds = _channel_values(mean, "mean", num_channels), _channel_values(std, "std", num_channels)
+        if len(means) != len(stds):
+            if len(means) == 1:
+                means = means * len(stds)
+            elif len(stds) == 1:
+                stds = stds * len(means)
             else:
                 raise ConfigurationError(
-                    f"normalization mean has {mean_t.numel()} values but std has {std_t.numel()}"
+                    f"normalization mean has {len(means)} values but std has {len(stds)}"
                 )
-        if bool((std_t <= 0).any()):
-            raise ConfigurationError(f"normalization std must be > 0 in every channel, got {std_t.tolist()}")
-        self.register_buffer("mean", mean_t.view(1, -1, 1, 1))
-        self.register_buffer("std", std_t.view(1, -1, 1, 1))
+        if any(v <= 0 for v in stds):
+            raise ConfigurationError(f"normalization std must be > 0 in every channel, got {stds}")
+        self.register_buffer("mean", torch.tensor(means, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(stds, dtype=torch.float32).view(1, -1, 1, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return (x - self.mean) / self.std
@@ -52,8 +52,9 @@ class Normalize(nn.Module):
         return f"mean={self.mean.flatten().tolist()}, std={self.std.flatten().tolist()}"
 
 
-def _as_channel_vector(values: Sequence[float], what: str, num_channels: int | None) -> torch.Tensor:
-    if isinstance(values, (int, float)):
+def _channel_values(values: Sequence[float] | float, what: str, num_channels: int | None) -> list[float]:
+    """One finite float per channel (a single value is repeated for every channel when their number is known)."""
+    if isinstance(values, int | float):
         values = [values]
     try:
         floats = [float(v) for v in values]
@@ -69,10 +70,7 @@ def _as_channel_vector(values: Sequence[float], what: str, num_channels: int | N
         raise ConfigurationError(
             f"normalization {what} has {len(floats)} values but the model takes {num_channels} input channels"
         )
-    vector = torch.tensor(floats, dtype=torch.float32)
-    if num_channels is not None and len(floats) == 1:
-        vector = vector.expand(num_channels).clone()
-    return vector
+    return floats * num_channels if num_channels is not None and len(floats) == 1 else floats
 
 
 class NormalizedClassifier(nn.Sequential):

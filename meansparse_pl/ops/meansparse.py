@@ -27,6 +27,12 @@ def _identity(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def _readable(value: object, shape: tuple[int, ...]) -> bool:
+    """A state-dict entry whose values can be checked: a tensor of the expected shape with real storage (a wrong
+    shape is load_state_dict's own size-mismatch error)."""
+    return isinstance(value, torch.Tensor) and tuple(value.shape) == shape and not value.is_meta
+
+
 class MeanSparse(nn.Module):
     """Mean-centred sparsification of one activation's input, per channel.
 
@@ -98,13 +104,29 @@ class MeanSparse(nn.Module):
         self._alpha_value = float(self.alpha)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        # A state dict may come from a file: its statistics and alpha are checked before they are copied in, so
+        # NaN, Inf, a negative variance or alpha can never load silently (every loading path comes here).
+        mean, var = state_dict.get(prefix + "mean"), state_dict.get(prefix + "var")
+        alpha, count = state_dict.get(prefix + "alpha"), state_dict.get(prefix + "count")
+        where = self.site_name or prefix.rstrip(".") or "a MeanSparse operator"
+        if _readable(mean, (self.num_channels,)) and _readable(var, (self.num_channels,)):
+            self._check_statistics(mean, var, where, "in the checkpoint")
+        if _readable(alpha, ()) and not (bool(torch.isfinite(alpha)) and float(alpha) >= 0.0):
+            raise StatisticsError(
+                f"{where}: alpha {float(alpha)} in the checkpoint is not a finite number >= 0; the file is corrupt "
+                "(set alpha again with set_alpha and save it)."
+            )
+        if _readable(count, ()) and int(count) < 0:
+            raise StatisticsError(
+                f"{where}: negative element count {int(count)} in the checkpoint; the file is corrupt."
+            )
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        self._alpha_value = float(self.alpha)
-        self._calibrated = bool(self.count > 0)
+        if not self.alpha.is_meta:
+            self._alpha_value = float(self.alpha)
+            self._calibrated = bool(self.count > 0)
 
-    def set_statistics(self, mean: torch.Tensor, var: torch.Tensor, count: float) -> None:
-        """Install channel statistics (from calibration or a checkpoint), validating them first."""
-        where = self.site_name or "a MeanSparse operator"
+    def _check_statistics(self, mean: torch.Tensor, var: torch.Tensor, where: str, source: str) -> None:
+        source = f" {source}" if source else ""
         for name, value in (("mean", mean), ("var", var)):
             if value.shape != (self.num_channels,):
                 raise StatisticsError(
@@ -113,11 +135,17 @@ class MeanSparse(nn.Module):
                 )
             if not torch.isfinite(value).all():
                 raise StatisticsError(
-                    f"{where}: channel {name} contains NaN or Inf (diverged model or bad input data); "
-                    "check the data and the model's outputs before calibrating."
+                    f"{where}: channel {name}{source} contains NaN or Inf (diverged model, bad input data or a "
+                    "corrupt file); calibrate again on clean data."
                 )
         if (var < 0).any():
-            raise StatisticsError(f"{where}: negative variance; the statistics are corrupt.")
+            raise StatisticsError(
+                f"{where}: negative variance{source}; the statistics are corrupt, calibrate again."
+            )
+
+    def set_statistics(self, mean: torch.Tensor, var: torch.Tensor, count: float) -> None:
+        """Install channel statistics (from calibration or a checkpoint), validating them first."""
+        self._check_statistics(mean, var, self.site_name or "a MeanSparse operator", "")
         self.mean.copy_(mean.to(self.mean))
         self.var.copy_(var.to(self.var))
         self.count.fill_(int(round(float(count))))

@@ -26,7 +26,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 from meansparse_pl.modes import eval_mode
 from meansparse_pl.ops import FusedActivation, MeanSparse, fusable_activation
 from meansparse_pl.placement import registry
-from meansparse_pl.placement.layout import infer_channel_dim_from_shape, override_channel_dim
+from meansparse_pl.placement.layout import infer_channel_dim_from_shape, override_channel_dim, probing
 from meansparse_pl.placement.record import Site
 from meansparse_pl.placement.registry import PlacementPreset, is_activation_module
 
@@ -178,7 +178,7 @@ def _producer_channel_dim(node: fx.Node, gm: fx.GraphModule, depth: int = 8) -> 
 def activation_sites(
     gm: fx.GraphModule, example_input: torch.Tensor, channel_dims: dict[str, int] | None
 ) -> list[tuple[Site, fx.Node]]:
-    with eval_mode(gm), torch.no_grad():
+    with probing(gm, example_input):
         ShapeProp(gm).propagate(example_input)
     found: list[tuple[Site, fx.Node]] = []
     for node in gm.graph.nodes:
@@ -281,7 +281,7 @@ def preset_sites(
     preset: PlacementPreset,
 ) -> list[tuple[Site, fx.Node]]:
     """Every site of the preset's kinds, in graph (forward) order, numbered among themselves."""
-    with eval_mode(gm), torch.no_grad():
+    with probing(gm, example_input):
         ShapeProp(gm).propagate(example_input)
     dependent = _input_dependent(gm) if preset.residual_adds else set()
     found: list[tuple[Site, fx.Node]] = []

@@ -12,10 +12,9 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from meansparse_pl.errors import PlacementError
-from meansparse_pl.modes import eval_mode
 from meansparse_pl.ops import MeanSparse
 from meansparse_pl.placement import registry
-from meansparse_pl.placement.layout import infer_channel_dim_from_shape, override_channel_dim
+from meansparse_pl.placement.layout import infer_channel_dim_from_shape, override_channel_dim, probing
 from meansparse_pl.placement.record import Site
 from meansparse_pl.placement.registry import is_activation_module
 
@@ -98,7 +97,7 @@ def activation_sites(
         handles.append(module.register_forward_pre_hook(push))
         handles.append(module.register_forward_hook(pop))
     try:
-        with eval_mode(model), torch.no_grad(), spy:
+        with probing(model, example_input), spy:
             model(example_input)
     finally:
         for h in handles:

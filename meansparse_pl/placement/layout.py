@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import nn
+
+from meansparse_pl.errors import MeanSparseError, PlacementError
+from meansparse_pl.modes import eval_mode
 
 
 def infer_channel_dim_from_shape(shape: Sequence[int]) -> int:
@@ -38,3 +42,21 @@ def prepare_input(model: nn.Module, example_input: torch.Tensor | Sequence[int])
     except StopIteration:
         pass
     return example_input
+
+
+@contextlib.contextmanager
+def probing(model: nn.Module, example_input: torch.Tensor) -> Iterator[None]:
+    """Eval mode and no gradients for a probe forward; a forward that fails (an input of the wrong shape, a
+    model of another architecture) is one PlacementError naming the shape, not the framework's traceback."""
+    try:
+        with eval_mode(model), torch.no_grad():
+            yield
+    except MeanSparseError:
+        raise
+    except Exception as error:
+        detail = (str(error).strip().splitlines() or [""])[0][:300]
+        raise PlacementError(
+            f"a forward pass of the model on an example input of shape {tuple(example_input.shape)} failed "
+            f"({type(error).__name__}: {detail}); give an example of the input the model takes (for a checkpoint: "
+            "the architecture it was saved from)."
+        ) from None

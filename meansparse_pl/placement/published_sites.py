@@ -17,8 +17,8 @@ import torch
 from torch import nn
 
 from meansparse_pl.errors import PlacementError, StatisticsError
-from meansparse_pl.modes import eval_mode
 from meansparse_pl.ops import MeanSparse
+from meansparse_pl.placement.layout import probing
 from meansparse_pl.placement.record import Site
 
 PUBLISHED_BUFFERS: tuple[str, ...] = (
@@ -104,7 +104,7 @@ def candidate_sites(
 
         handles.append(module.register_forward_pre_hook(record))
     try:
-        with eval_mode(model), torch.no_grad():
+        with probing(model, example_input):
             model(example_input)
     finally:
         for handle in handles:

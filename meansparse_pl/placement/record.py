@@ -14,7 +14,7 @@ from typing import Any
 from torch import nn
 
 from meansparse_pl.config import PlacementConfig
-from meansparse_pl.errors import CheckpointError, ConfigurationError, PlacementError
+from meansparse_pl.errors import RECREATE_FILE, CheckpointError, ConfigurationError, PlacementError
 
 SITE_KINDS: tuple[str, ...] = ("activation", "residual_add", "after_module", "published")
 
@@ -81,7 +81,9 @@ class Placement:
     def from_dict(cls, data: Any) -> Placement:
         """Rebuild a record from a file, refusing any field of the wrong type with one CheckpointError."""
         if not isinstance(data, dict):
-            raise CheckpointError(f"the placement record is a {type(data).__name__}, not a dictionary.")
+            raise CheckpointError(
+                f"the placement record is a {type(data).__name__}, not a dictionary; {RECREATE_FILE}."
+            )
         strategy = data.get("strategy")
         try:
             config = PlacementConfig(
@@ -98,13 +100,19 @@ class Placement:
                 leaf_modules=data.get("leaf_modules") or [],
             )
         except ConfigurationError as error:
-            raise CheckpointError(f"the placement record is invalid: {error}") from None
+            raise CheckpointError(
+                f"the placement record is invalid ({str(error).rstrip('.')}); {RECREATE_FILE}."
+            ) from None
         if strategy == "auto":
-            raise CheckpointError("the placement record names no concrete strategy (fx, hooks or published).")
+            raise CheckpointError(
+                f"the placement record names no concrete strategy (fx, hooks or published); {RECREATE_FILE}."
+            )
         input_shape = _shape("input_shape", data.get("input_shape"))
         sites = data.get("sites", [])
         if not isinstance(sites, list):
-            raise CheckpointError(f"the placement record's sites are a {type(sites).__name__}, not a list.")
+            raise CheckpointError(
+                f"the placement record's sites are a {type(sites).__name__}, not a list; {RECREATE_FILE}."
+            )
         return cls(config, input_shape, [_site(i, s) for i, s in enumerate(sites)])
 
 
@@ -135,20 +143,24 @@ _SITE_FIELDS: dict[str, type | tuple[type, ...]] = {
 def _site(position: int, data: Any) -> Site:
     where = f"the placement record's site {position}"
     if not isinstance(data, dict):
-        raise CheckpointError(f"{where} is a {type(data).__name__}, not a dictionary.")
+        raise CheckpointError(f"{where} is a {type(data).__name__}, not a dictionary; {RECREATE_FILE}.")
     unknown = sorted(set(data) - set(_SITE_FIELDS) - {"input_shape"})
     missing = sorted(
         {"index", "module_path", "call", "input_shape", "channel_dim", "num_channels"} - set(data)
     )
     if unknown or missing:
-        raise CheckpointError(f"{where} has unknown fields {unknown} or lacks {missing}.")
+        raise CheckpointError(f"{where} has unknown fields {unknown} or lacks {missing}; {RECREATE_FILE}.")
     for name, kind in _SITE_FIELDS.items():
         if name in data and (not isinstance(data[name], kind) or isinstance(data[name], bool)):
-            raise CheckpointError(f"{where}: {name} must be a {kind.__name__}, got {data[name]!r}.")  # type: ignore[union-attr]
+            raise CheckpointError(
+                f"{where}: {name} must be a {kind.__name__}, got {data[name]!r}; {RECREATE_FILE}."
+            )  # type: ignore[union-attr]
     if data.get("kind", "activation") not in SITE_KINDS:
-        raise CheckpointError(f"{where}: unknown site kind {data['kind']!r}.")
+        raise CheckpointError(f"{where}: unknown site kind {data['kind']!r}; {RECREATE_FILE}.")
     if data["num_channels"] < 1:
-        raise CheckpointError(f"{where}: num_channels must be >= 1, got {data['num_channels']}.")
+        raise CheckpointError(
+            f"{where}: num_channels must be >= 1, got {data['num_channels']}; {RECREATE_FILE}."
+        )
     return Site(**{**data, "input_shape": _shape(f"site {position} input_shape", data["input_shape"])})
 
 
