@@ -3,11 +3,11 @@
 from meansparse_pl.alpha_search import AlphaSearch, AlphaSearchResult, Exhaustive, SuccessiveHalving
 from meansparse_pl.attacks import run_attack, worst_case
 from meansparse_pl.calibration import CalibrationSummary, calibrate
-from meansparse_pl.callback import MeanSparseCallback
+from meansparse_pl.callback import AlphaSearchCallback, MeanSparseCallback
 from meansparse_pl.checkpoint import load_checkpoint, save_checkpoint
 from meansparse_pl.config import AttackConfig, PlacementConfig, ThreatModel
 from meansparse_pl.errors import MeanSparseError
-from meansparse_pl.ops import MeanSparse, backward_mode, get_alpha, operators, set_alpha
+from meansparse_pl.ops import MeanSparse, alphas_of, backward_mode, get_alpha, operators, set_alpha
 from meansparse_pl.placement import (
     Placement,
     Site,
@@ -23,6 +23,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AlphaSearch",
+    "AlphaSearchCallback",
     "AlphaSearchResult",
     "AttackConfig",
     "CalibrationSummary",
@@ -35,6 +36,7 @@ __all__ = [
     "Site",
     "SuccessiveHalving",
     "ThreatModel",
+    "alphas_of",
     "backward_mode",
     "calibrate",
     "convert_published",

@@ -1,4 +1,5 @@
-"""MeanSparseCallback: turn the trained model into a MeanSparse model when ``fit`` ends.
+"""MeanSparseCallback: turn the trained model into a MeanSparse model when ``fit`` ends; AlphaSearchCallback:
+then choose its alpha on the held-out split.
 
 Like Lightning's ``ModelPruning``, it is configured only by constructor arguments (validated there, so
 LightningCLI reports a bad value before training starts) and hooks one fit boundary. ``on_fit_end`` is four
@@ -20,18 +21,36 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from jsonargparse import lazy_instance
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
+from meansparse_pl.alpha_search import (
+    PAPER_ALPHAS,
+    SEARCH_ATTACKS,
+    AlphaSearch,
+    AlphaSearchResult,
+    Criterion,
+    Exhaustive,
+    Schedule,
+    Selection,
+)
 from meansparse_pl.calibration import CalibrationSummary, calibrate, images_of
 from meansparse_pl.checkpoint import save_checkpoint
-from meansparse_pl.config import PlacementConfig, check_alpha, check_optional_positive_int
+from meansparse_pl.config import (
+    AttackConfig,
+    PlacementConfig,
+    ThreatModel,
+    check_alpha,
+    check_optional_positive_int,
+)
 from meansparse_pl.errors import ConfigurationError
-from meansparse_pl.io import safe_load
+from meansparse_pl.io import atomic_write, atomic_write_json, atomic_write_text, safe_load
 from meansparse_pl.ops import set_alpha
 from meansparse_pl.placement import describe, get_preset
 from meansparse_pl.placement import sparsify as place_operators
+from meansparse_pl.steps import first_samples
 
 
 def unpadded_shard(dataset: Any, rank: int, world_size: int) -> Subset:
@@ -143,3 +162,109 @@ class MeanSparseCallback(pl.Callback):
     def save(self, model: nn.Module, path: str | os.PathLike, architecture: dict[str, Any] | None) -> Path:
         """Write the sparsified checkpoint (atomically) with the calibration summary."""
         return save_checkpoint(model, path, architecture=architecture, metadata={"calibration": self.summary})
+
+
+class AlphaSearchCallback(pl.Callback):
+    """Choose alpha when ``fit`` ends, after the :class:`MeanSparseCallback` has sparsified and calibrated the
+    model: the sweep of :class:`~meansparse_pl.alpha_search.AlphaSearch` on the datamodule's held-out split
+    (never the test split), its suggestion applied to the model on every process, and the MeanSparse checkpoint
+    written again with that alpha and the search result; the reports go to ``output_dir`` and the numbers to the
+    trainer's loggers. List it after the MeanSparseCallback in ``trainer.callbacks``.
+
+    The search runs on the global-zero process on one device (like Lightning's learning-rate finder, whose result
+    is then broadcast); the other processes wait for its answer.
+
+    Args:
+        alphas, threat, attacks, max_clean_drop, criterion, selection, schedule, seed, batch_size: the search,
+            as :class:`~meansparse_pl.alpha_search.AlphaSearch` takes them.
+        limit_samples: search on the first N held-out images (None: all of them).
+        output_dir: where alpha_search.md / .json / .png go (default: ``<trainer.default_root_dir>/alpha_search``).
+    """
+
+    def __init__(
+        self,
+        alphas: list[float] = list(PAPER_ALPHAS),  # noqa: B006 - LightningCLI reads the default from here
+        threat: ThreatModel = ThreatModel(),
+        attacks: AttackConfig = AttackConfig(names=list(SEARCH_ATTACKS)),
+        max_clean_drop: float = 0.5,
+        criterion: Criterion = "worst_case",
+        selection: Selection = "highest",
+        schedule: Schedule = lazy_instance(Exhaustive),
+        seed: int = 0,
+        batch_size: int = 128,
+        limit_samples: int | None = 1000,
+        output_dir: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.search = AlphaSearch(
+            alphas=alphas,
+            threat=threat,
+            attacks=attacks,
+            max_clean_drop=max_clean_drop,
+            criterion=criterion,
+            selection=selection,
+            schedule=schedule,
+            seed=seed,
+            batch_size=batch_size,
+        )
+        self.limit_samples = check_optional_positive_int("limit_samples", limit_samples, "or null for all")
+        self.output_dir = output_dir
+        self.result: AlphaSearchResult | None = None
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self.meansparse_callback(
+                trainer
+            )  # a missing or misplaced MeanSparseCallback fails before training
+
+    def meansparse_callback(self, trainer: pl.Trainer) -> MeanSparseCallback:
+        """The MeanSparseCallback this search follows (it must come earlier in ``trainer.callbacks``)."""
+        callbacks = list(trainer.callbacks)
+        before = callbacks[: callbacks.index(self)] if self in callbacks else callbacks
+        found = [c for c in before if isinstance(c, MeanSparseCallback)]
+        if not found:
+            raise ConfigurationError(
+                "AlphaSearchCallback chooses alpha for the MeanSparseCallback's model; list a MeanSparseCallback "
+                "before it in trainer.callbacks."
+            )
+        return found[-1]
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        meansparse = self.meansparse_callback(trainer)
+        alpha = None
+        if trainer.is_global_zero:
+            self.result = self.run(pl_module.model, trainer.datamodule)
+            self.write(
+                self.result, Path(self.output_dir or os.path.join(trainer.default_root_dir, "alpha_search"))
+            )
+            for logger in trainer.loggers:
+                for offset, row in enumerate(self.result.metrics()):
+                    logger.log_metrics(row, step=trainer.global_step + offset)
+                logger.save()
+            alpha = self.result.suggestion()
+        alpha = trainer.strategy.broadcast(alpha)
+        set_alpha(pl_module.model, alpha)
+        if trainer.is_global_zero and meansparse.saved_path is not None:
+            architecture = pl_module.architecture() if hasattr(pl_module, "architecture") else None
+            metadata = {"calibration": meansparse.summary, "alpha_search": self.result.to_json()}  # type: ignore[union-attr]
+            save_checkpoint(
+                pl_module.model, meansparse.saved_path, architecture=architecture, metadata=metadata
+            )
+            rank_zero_info(
+                f"MeanSparse: alpha {alpha:g} chosen on the held-out split; saved {meansparse.saved_path}"
+            )
+        trainer.strategy.barrier("alpha_search_saved")
+
+    def run(self, model: nn.Module, datamodule: pl.LightningDataModule) -> AlphaSearchResult:
+        """The sweep on the first ``limit_samples`` images of the datamodule's held-out split."""
+        datamodule.setup("fit")
+        return self.search.run(model, first_samples(datamodule.val_dataloader().dataset, self.limit_samples))
+
+    def write(self, result: AlphaSearchResult, folder: Path) -> None:
+        """alpha_search.md / .json / .png in ``folder``."""
+        atomic_write_text(folder / "alpha_search.md", result.table() + "\n")
+        atomic_write_json(folder / "alpha_search.json", result.to_json())
+        figure = result.plot()
+        atomic_write(
+            folder / "alpha_search.png", lambda handle: figure.savefig(handle, format="png", dpi=120)
+        )

@@ -22,9 +22,12 @@ how to resume, and the exit status is ``128 + signal``.
 
 from __future__ import annotations
 
+import logging
+import re
 import sys
 from typing import Any
 
+from jsonargparse import DefaultHelpFormatter
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 
@@ -35,6 +38,51 @@ from meansparse_pl.steps import check_options
 from meansparse_pl.trainer import MeanSparseTrainer
 
 EXIT_USER_ERROR = 2
+LONG_SUBCLASS_LIST = 8  # more known subclasses than this are summarised in --help
+
+
+class HelpFormatter(DefaultHelpFormatter):
+    """Compact help: one line per option, its description's first sentence and its default, so that ``--help``
+    of a subcommand fits on a few screens. An option typed by a broad base class (``--network: nn.Module``,
+    ``--trainer.callbacks``) is described by its class-path syntax instead of a list of every subclass imported.
+    ``--print_config`` shows every value in full."""
+
+    def __init__(self, prog: str, **kwargs: Any) -> None:
+        kwargs.setdefault("max_help_position", 46)
+        kwargs.setdefault("width", 120)
+        super().__init__(prog, **kwargs)
+
+    def _get_help_string(self, action: Any) -> str | None:
+        text = super()._get_help_string(action)
+        if not text:
+            return text
+        text = " ".join(text.split())
+        if ", known subclasses: " in text and text.count(", ") > LONG_SUBCLASS_LIST:
+            head, _, rest = text.partition(", known subclasses: ")
+            text = head + ", any subclass: class_path + init_args" + (")" if rest.endswith(")") else "")
+        details = ""
+        if text.endswith(")") and (
+            text.startswith("(") or " (" in text
+        ):  # jsonargparse's "(type: ..., default: ...)"
+            text, _, details = text[1:].rpartition("(") if text.startswith("(") else text.rpartition(" (")
+            defaults = re.findall(r"default: ([^,)]*(?:\)[^,)]*)?)", details)
+            details = f"(default: {defaults[0]})" if defaults else ""
+        # the first sentence: up to a full stop that does not end an abbreviation
+        first = re.split(r"(?<!e\.g\.)(?<!i\.e\.)(?<!etc\.)(?<=\.)\s", text, maxsplit=1)[0]
+        return " ".join(part for part in (first, details) if part)
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        return [text if len(text) <= width else text[: max(width - 3, 1)] + "..."]
+
+
+class QuietLightning(logging.Filter):
+    """Drop Lightning's advertising tip and its lines about accelerators that are not there."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if message.startswith("💡 Tip"):
+            return False
+        return not re.match(r"^(GPU|TPU|HPU|IPU) available: False", message)
 
 
 class MeanSparseCLI(LightningCLI):
@@ -56,7 +104,11 @@ class MeanSparseCLI(LightningCLI):
         kwargs.setdefault("auto_configure_optimizers", False)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault(
-            "parser_kwargs", {"description": "Adversarial training / evaluation for MeanSparse."}
+            "parser_kwargs",
+            {
+                "description": "Adversarial training / evaluation for MeanSparse.",
+                "formatter_class": HelpFormatter,
+            },
         )
         super().__init__(args=args, **kwargs)
 
@@ -115,6 +167,9 @@ def main(args: ArgsType = None) -> MeanSparseCLI:
     Returns:
         The finished CLI, whose ``model``, ``datamodule`` and ``trainer`` can be inspected (in-process use).
     """
+    quiet = QuietLightning()
+    lightning_info = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    lightning_info.addFilter(quiet)
     try:
         with preemption.watching():
             return MeanSparseCLI(args=args)
@@ -124,6 +179,8 @@ def main(args: ArgsType = None) -> MeanSparseCLI:
     except Interrupted as stop:
         print(f"stopped: {_one_line(stop)}", file=sys.stderr)
         sys.exit(128 + stop.signal_number)
+    finally:
+        lightning_info.removeFilter(quiet)
 
 
 def _one_line(message: object) -> str:

@@ -220,8 +220,12 @@ def placement_config(config: PlacementConfig | None = None, **options: Any) -> P
 # --------------------------------------------------------------------------------------- threat model
 @dataclass(frozen=True)
 class ThreatModel:
-    """The threat model of every attack: ``norm`` (``Linf`` or ``L2``) and radius ``eps`` in [0, 1] pixel
-    units, validated once here (see :func:`check_eps`)."""
+    """The threat model of every attack, validated once here (see :func:`check_eps`).
+
+    Args:
+        norm: Linf or L2.
+        eps: The radius in [0, 1] pixel units (e.g. 8/255 = 0.0314 for Linf on CIFAR-10).
+    """
 
     norm: Norm = "Linf"
     eps: float = 8 / 255
@@ -242,12 +246,11 @@ class AttackConfig:
     (:func:`meansparse_pl.attacks.check_attack_config`) before anything is loaded.
 
     Args:
-        names: attacks, e.g. ``[clean, autoattack, apgd-ce, apgd-ce+dlr, bpda-apgd-ce]``.
-        n_iter: iterations of every attack that takes ``n_iter`` (the APGD family, FAB, AutoAttack);
-            None keeps each attack's standard setting (100).
-        n_restarts: restarts of every attack that takes ``n_restarts``; None keeps each attack's default.
-        options: per attack name, options that override the two above, e.g.
-            ``{"pgd": {"steps": 50}, "square": {"n_queries": 1000}}``.
+        names: The attacks, e.g. [clean, autoattack, apgd-ce, apgd-ce+dlr, bpda-apgd-ce].
+        n_iter: Iterations of every attack that takes n_iter (the APGD family, FAB, AutoAttack); None keeps
+            each attack's standard setting (100).
+        n_restarts: Restarts of every attack that takes n_restarts; None keeps each attack's default.
+        options: Per attack name, options that override the two above, e.g. {"pgd": {"steps": 50}}.
     """
 
     names: list[str] = field(default_factory=lambda: ["clean", "apgd-ce"])

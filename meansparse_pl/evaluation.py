@@ -36,7 +36,7 @@ from meansparse_pl.config import ThreatModel
 from meansparse_pl.errors import CheckpointError, ConfigurationError, Interrupted
 from meansparse_pl.io import atomic_torch_save, state_digest
 from meansparse_pl.modes import eval_mode
-from meansparse_pl.ops import MeanSparse, operators, set_alpha
+from meansparse_pl.ops import MeanSparse, alphas_of, operators, set_alpha
 
 
 class IndexedDataset(Dataset):
@@ -69,7 +69,9 @@ class EvaluationTask:
     attack: str
     threat: ThreatModel
     options: dict[str, Any] = field(default_factory=dict)
-    alpha: float | None = None  # None: leave the model's alpha (one value, or one per operator) as it is
+    # one alpha for every operator, one per operator (in the order of ``operators``), or None: the operators'
+    # alphas as they were when the run started
+    alpha: float | tuple[float, ...] | None = None
 
 
 class ResumeState:
@@ -180,12 +182,14 @@ class EvaluationModule(pl.LightningModule):
         self.fingerprint = fingerprint
         self.rows = nn.ModuleDict({self._metric_name(t.key): CatMetric() for t in self.tasks})
         self.state: ResumeState | None = None
+        self.initial_alphas: list[float] | None = None
 
     @staticmethod
     def _metric_name(key: str) -> str:
         return hashlib.md5(key.encode()).hexdigest()[:12]  # ModuleDict keys may not contain "." or "/"
 
     def on_predict_start(self) -> None:
+        self.initial_alphas = alphas_of(self.model) if operators(self.model) else None
         self.model.eval()
         self.state = ResumeState(self.state_path, self.fingerprint, self.global_rank)
         for metric in self.rows.values():
@@ -199,8 +203,9 @@ class EvaluationModule(pl.LightningModule):
             if self.state.done(task.key, index_list):
                 correct = torch.tensor([self.state.results[task.key][i] for i in index_list])
             else:
-                if task.alpha is not None:
-                    set_alpha(self.model, task.alpha)
+                alpha = task.alpha if task.alpha is not None else self.initial_alphas
+                if alpha is not None:
+                    set_alpha(self.model, alpha)
                 # seed from the batch's first sample: a resumed run repeats exactly the same attack
                 torch.manual_seed(self.seed + index_list[0])
                 started = time.perf_counter()

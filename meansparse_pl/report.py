@@ -37,9 +37,13 @@ class VariantResult:
     """One model setting (base or MeanSparse) at one epsilon: accuracy per attack and the worst case."""
 
     name: str
-    alpha: float
+    alpha: float | None  # None: each operator keeps its own alpha (RobustnessReport.operator_alphas)
     eps: float
     accuracy: dict[str, float]  # attack -> percent; includes "best_known"
+
+    @property
+    def alpha_label(self) -> str:
+        return "per operator" if self.alpha is None else f"{self.alpha:g}"
 
 
 @dataclass
@@ -50,6 +54,7 @@ class RobustnessReport:
     results: list[VariantResult]
     large_eps_check: dict[str, float] = field(default_factory=dict)  # variant -> accuracy at large eps
     large_eps: float | None = None
+    operator_alphas: list[float] | None = None  # the per-operator alphas of a variant whose alpha is None
 
     # --------------------------------------------------------------------------------------- checks
     def sanity_checks(self) -> list[str]:
@@ -57,7 +62,7 @@ class RobustnessReport:
         findings: list[str] = []
         for r in self.results:
             clean = r.accuracy.get("clean")
-            tag = f"{r.name} (alpha={r.alpha:g}, eps={r.eps:g})"
+            tag = f"{r.name} (alpha={r.alpha_label}, eps={r.eps:g})"
             if clean is not None:
                 above = [a for a, v in r.accuracy.items() if a != "clean" and v > clean + 1e-9]
                 findings.append(
@@ -98,11 +103,14 @@ class RobustnessReport:
 
     # -------------------------------------------------------------------------------------- rendering
     def table(self) -> str:
-        variants = sorted({(r.name, r.alpha) for r in self.results}, key=lambda v: v[1])
+        labels = {r.name: r.alpha_label for r in self.results}
+        variants = sorted(
+            {(r.name, r.alpha) for r in self.results}, key=lambda v: (v[1] is None, v[1] or 0.0)
+        )
         eps_values = sorted({r.eps for r in self.results})
         by_key = {(r.name, r.eps): r for r in self.results}
         header = "| attack | " + " | ".join(
-            f"{n} (alpha={a:g}), eps={e:g}" for e in eps_values for n, a in variants
+            f"{n} (alpha={labels[n]}), eps={e:g}" for e in eps_values for n, _ in variants
         )
         lines = [header + " |", "|---|" + "---:|" * (len(variants) * len(eps_values))]
         for attack in [*self.attacks, "best_known"]:
@@ -116,6 +124,11 @@ class RobustnessReport:
         lines += [
             "",
             f"{self.num_samples} samples, {self.norm}; accuracies in percent.",
+            *(
+                [f"Per-operator alphas: {', '.join(f'{a:g}' for a in self.operator_alphas)}."]
+                if self.operator_alphas is not None
+                else []
+            ),
             "",
             "Sanity checks:",
         ]
@@ -123,7 +136,7 @@ class RobustnessReport:
         return "\n".join(lines)
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        data = {
             "norm": self.norm,
             "num_samples": self.num_samples,
             "attacks": self.attacks,
@@ -132,6 +145,20 @@ class RobustnessReport:
             "large_eps_accuracy": self.large_eps_check,
             "sanity_checks": self.sanity_checks(),
         }
+        if self.operator_alphas is not None:
+            data["operator_alphas"] = self.operator_alphas
+        return data
+
+    def metrics(self) -> dict[str, float]:
+        """Every number of the report under a flat name, for a logger: ``evaluate/<model>/eps=<eps>/<attack>``
+        (``best_known`` among the attacks) and ``evaluate/<model>/large_eps``."""
+        out = {
+            f"evaluate/{r.name}/eps={r.eps:g}/{attack}": value
+            for r in self.results
+            for attack, value in r.accuracy.items()
+        }
+        out.update({f"evaluate/{name}/large_eps": value for name, value in self.large_eps_check.items()})
+        return out
 
 
 def atomic_attacks(attacks: Sequence[str]) -> list[str]:
@@ -193,7 +220,9 @@ def channel_histogram(
     captured: list[torch.Tensor] = []
     handle = op.register_forward_pre_hook(lambda m, args: captured.append(args[0].detach()))
     images = torch.stack([dataset[i][0] for i in range(min(256, len(dataset)))])  # type: ignore[arg-type]
-    set_alpha(model, alpha)
+    if alpha is not None:
+        set_alpha(model, alpha)
+    alpha = float(op.alpha)
     try:
         with torch.no_grad(), eval_mode(model):
             model(images.to(op.mean.device))

@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import time
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 from jsonargparse import lazy_instance
@@ -45,7 +45,7 @@ from meansparse_pl.io import (
     output_lock,
     safe_load,
 )
-from meansparse_pl.ops import get_alpha, set_alpha
+from meansparse_pl.ops import alphas_of, set_alpha
 from meansparse_pl.placement import describe, sparsify
 from meansparse_pl.report import (
     RobustnessReport,
@@ -68,6 +68,54 @@ LARGE_EPS_ATTACKS = ("apgd-ce", "bpda-apgd-ce")
 
 class MeanSparseTrainer(pl.Trainer):
     """``pl.Trainer`` plus the post-processing steps; see the module docstring."""
+
+    # --------------------------------------------------------------------------------- validate / test
+    def validate(  # type: ignore[override]
+        self,
+        model: pl.LightningModule | None = None,
+        dataloaders: Any = None,
+        ckpt_path: str | None = None,
+        verbose: bool = True,
+        datamodule: pl.LightningDataModule | None = None,
+        network: nn.Module | None = None,
+    ) -> Any:
+        """Lightning's ``validate`` (clean and PGD accuracy on the held-out split).
+
+        Args:
+            ckpt_path: Lightning checkpoint to take the weights from.
+            verbose: Print the results.
+            network: Any nn.Module (class_path + init_args) to use instead of the model section's backbone, as
+                in every MeanSparse subcommand.
+        """
+        return super().validate(
+            self._with_network(model, network), dataloaders, ckpt_path, verbose, datamodule
+        )
+
+    def test(  # type: ignore[override]
+        self,
+        model: pl.LightningModule | None = None,
+        dataloaders: Any = None,
+        ckpt_path: str | None = None,
+        verbose: bool = True,
+        datamodule: pl.LightningDataModule | None = None,
+        network: nn.Module | None = None,
+    ) -> Any:
+        """Lightning's ``test`` (clean and PGD accuracy on the test split).
+
+        Args:
+            ckpt_path: Lightning checkpoint to take the weights from.
+            verbose: Print the results.
+            network: Any nn.Module (class_path + init_args) to use instead of the model section's backbone.
+        """
+        return super().test(self._with_network(model, network), dataloaders, ckpt_path, verbose, datamodule)
+
+    @staticmethod
+    def _with_network(
+        model: pl.LightningModule | None, network: nn.Module | None
+    ) -> pl.LightningModule | None:
+        if network is not None and model is not None:
+            model.model = network
+        return model
 
     # ------------------------------------------------------------------------------------ postprocess
     def postprocess(
@@ -190,6 +238,7 @@ class MeanSparseTrainer(pl.Trainer):
             state = out / "alpha_search.state" if resume else None
             result = search.run(sparse, dataset, trainer=self, state_path=state)
             if self.is_global_zero:
+                self._log(result.metrics())
                 atomic_write_text(out / "alpha_search.md", result.table() + "\n")
                 atomic_write_json(out / "alpha_search.json", result.to_json())
                 figure = result.plot()
@@ -258,8 +307,13 @@ class MeanSparseTrainer(pl.Trainer):
         out = Path(output_dir)
         with self._holding(out):
             sparse = self._calibrated_model(checkpoint, network, model)
-            alpha = get_alpha(sparse) if alpha is None else check_alpha(alpha)
-            variants = [("meansparse", alpha)] + ([("base", 0.0)] if compare_base and alpha != 0 else [])
+            own = alphas_of(sparse)
+            if alpha is not None:
+                setting: float | tuple[float, ...] | None = check_alpha(alpha)
+            else:  # the checkpoint's alphas: one shared value, or one per operator
+                setting = own[0] if len(set(own)) == 1 else tuple(own)
+            label = None if isinstance(setting, tuple) else setting
+            variants = [("meansparse", setting)] + ([("base", 0.0)] if compare_base and label != 0 else [])
             atomic = atomic_attacks(attacks.names)
             tasks = [
                 EvaluationTask(f"{v}/eps={e:g}/{a}", a, threat.with_eps(e), options_for(attacks, a), va)
@@ -290,15 +344,22 @@ class MeanSparseTrainer(pl.Trainer):
             for v, va in variants:
                 for e in radii:
                     subset = {a: per_sample[f"{v}/eps={e:g}/{a}"] for a in atomic}
-                    results.append(VariantResult(v, va, e, summarise(subset, attacks.names)))
+                    alpha_of_variant = None if isinstance(va, tuple) else va  # None: one alpha per operator
+                    results.append(VariantResult(v, alpha_of_variant, e, summarise(subset, attacks.names)))
             report = RobustnessReport(
-                threat.norm, len(dataset), list(attacks.names), results, large_eps=large_eps
-            )  # type: ignore[arg-type]
+                threat.norm,
+                len(dataset),
+                list(attacks.names),
+                results,
+                large_eps=large_eps,
+                operator_alphas=list(setting) if isinstance(setting, tuple) else None,
+            )
             if large is not None:
                 for v, _ in variants:
                     both = worst_case([per_sample[f"{v}/large/{a}"] for a in LARGE_EPS_ATTACKS])
                     report.large_eps_check[v] = 100.0 * sum(both.values()) / len(dataset)  # type: ignore[arg-type]
             if self.is_global_zero:
+                self._log([report.metrics()])
                 atomic_write_text(out / "evaluation.md", report.table() + "\n")
                 atomic_write_json(out / "evaluation.json", report.to_json())
                 if histogram_site is not None:
@@ -312,6 +373,14 @@ class MeanSparseTrainer(pl.Trainer):
     # ----------------------------------------------------------------------------------------- shared
     #: set by ``cli.py`` before a subcommand runs: the ``--network`` it was given, as a checkpoint records it
     network_record: dict | None = None
+
+    def _log(self, rows: list[dict[str, float]]) -> None:
+        """Send a subcommand's numbers to the configured Lightning loggers (CSV, TensorBoard, W&B, ...), one row
+        per step, so they are where the user's training metrics are."""
+        for logger in self.loggers:
+            for step, row in enumerate(rows):
+                logger.log_metrics(row, step=step)
+            logger.save()
 
     def _holding(self, folder: Path, lock_name: str = LOCK_NAME) -> contextlib.AbstractContextManager:
         """The output folder held for this run (by rank 0, which writes the reports), or a refusal before any

@@ -6,6 +6,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export PYTHONWARNINGS=ignore
+# a fixed thread count: the same float reductions on every machine with at least 2 cores (the seed, the seeded
+# shuffling and trainer.deterministic in the config do the rest; tests/test_cli_fit.py checks two fits agree)
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 start=$(date +%s)
 .venv/bin/python cli.py fit --config configs/fashion_mnist_demo.yaml
 .venv/bin/python cli.py alpha_search --config configs/fashion_mnist_alpha_search.yaml

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from meansparse_pl import calibrate, sparsify
+from meansparse_pl import calibrate, operators, sparsify
 from meansparse_pl.alpha_search import (
     SEARCH_ATTACKS,
     AlphaSearch,
@@ -602,3 +604,72 @@ def test_resume_fingerprint_sees_learned_activation_parameters_but_not_operator_
     set_alpha(sparse, 0.7)
     assert fingerprint_of(sparse, fixed, data, 0) == before[0]
     assert fingerprint_of(sparse, as_is, data, 0) != before[1]
+
+
+def test_plot_draws_into_the_given_axes_and_leaves_matplotlib_state_alone(tmp_path):
+    """Like Lightning's LR finder: plot(ax) draws into the caller's axes and returns its figure; without ax a
+    standalone figure; the backend and pyplot's figures are the caller's before and after."""
+    import matplotlib
+
+    matplotlib.use("svg")  # a notebook user's choice: must survive the call
+    import matplotlib.pyplot as plt
+
+    sparse, data = _tiny_sparse_model()
+    result = _search(alphas=[0, 0.3, 1.0], n_iter=2, batch_size=16).run(sparse, data)
+    figures_before = plt.get_fignums()
+    fig, ax = plt.subplots()
+    returned = result.plot(ax=ax)
+    assert returned is fig and ax.get_xlabel().startswith("alpha") and ax.get_ylabel().startswith("accuracy")
+    labels = ax.get_legend_handles_labels()[1]
+    assert "clean" in labels and any(label.startswith("chosen alpha") for label in labels)
+    assert any(label.startswith("clean-accuracy limit") for label in labels)
+    standalone = result.plot(suggest=False)
+    assert standalone is not fig and not any(
+        label.startswith("chosen alpha") for label in standalone.axes[0].get_legend_handles_labels()[1]
+    )
+    assert matplotlib.get_backend() == "svg"
+    assert plt.get_fignums() == [*figures_before, fig.number]  # the standalone figure is not pyplot's
+    plt.close(fig)
+    standalone.savefig(tmp_path / "search.png")
+    assert (tmp_path / "search.png").read_bytes()[:4] == b"\x89PNG"
+    # error bars: the paired standard error of each point's difference to alpha 0, from the per-sample verdicts
+    column = "worst_case"
+    gap, error = result.gap_to(1.0, 0.0) if result.criterion == "worst_case" else (0, 0)
+    assert result.error_bar(1.0, column) == pytest.approx(error)
+    assert result.error_bar(0.0, column) == 0.0
+
+
+def test_result_json_round_trip_keeps_the_rule_and_the_evidence():
+    sparse, data = _tiny_sparse_model()
+    result = _search(alphas=[0, 0.3, 1.0], n_iter=2, batch_size=16, selection="smallest_within_error").run(
+        sparse, data
+    )
+    again = AlphaSearchResult.from_json(json.loads(json.dumps(result.to_json())))
+    assert again.table() == result.table() and again.suggestion() == result.suggestion()
+    assert again.gap_to(1.0, 0.3) == result.gap_to(1.0, 0.3)
+    assert again.to_json() == result.to_json()
+    with pytest.raises(ConfigurationError, match="not an alpha-search result"):
+        AlphaSearchResult.from_json({"alphas": [0.0]})
+
+
+def test_run_takes_a_dataset_a_dataloader_or_a_datamodule_and_applies_its_answer():
+    import lightning.pytorch as pl
+
+    sparse, data = _tiny_sparse_model()
+    search = _search(alphas=[0, 0.3, 1.0], n_iter=2, batch_size=16, max_clean_drop=100)
+    from_dataset = search.run(sparse, data)
+    from_loader = search.run(sparse, torch.utils.data.DataLoader(data, batch_size=7))
+
+    class HeldOut(pl.LightningDataModule):
+        def val_dataloader(self):
+            return torch.utils.data.DataLoader(data, batch_size=5)
+
+        def test_dataloader(self):
+            raise AssertionError("the alpha search must never touch the test split")
+
+    from_datamodule = search.run(sparse, HeldOut())
+    assert from_dataset.accuracy == from_loader.accuracy == from_datamodule.accuracy
+    assert from_dataset.apply_to(sparse) == from_dataset.suggestion()
+    assert {float(op.alpha) for op in operators(sparse)} == {from_dataset.suggestion()}
+    with pytest.raises(ConfigurationError, match="Dataset, a DataLoader or a LightningDataModule"):
+        search.run(sparse, 42)

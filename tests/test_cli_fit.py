@@ -14,6 +14,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from meansparse_pl.callback import MeanSparseCallback
 from meansparse_pl.cli import MeanSparseCLI, main
 from meansparse_pl.data import FashionMNISTDataModule
 from meansparse_pl.module import AdversarialClassifier
@@ -91,6 +92,20 @@ def test_fit_writes_checkpoints_that_load_back_with_identical_logits(tmp_path):
     assert list(tmp_path.rglob("config.yaml"))
 
 
+def test_two_fits_of_the_demo_config_give_identical_weights(tmp_path):
+    """The demo is reproducible on a given machine: the same seed, the seeded shuffling of the training split,
+    deterministic algorithms (the config's trainer.deterministic) and a fixed thread count give the same
+    weights and the same MeanSparse statistics, bit for bit."""
+    states = []
+    for run in ("first", "second"):
+        main(["fit", *tiny_demo_args(tmp_path / run), "--trainer.limit_train_batches=2"])
+        payload = torch.load(tmp_path / run / "meansparse.pt", weights_only=True)
+        states.append(payload["state_dict"])
+    assert states[0].keys() == states[1].keys()
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+    assert any(k.endswith("meansparse_0.var") for k in states[0])  # the statistics are compared too
+
+
 def test_validate_and_test_subcommands_run_from_a_checkpoint(tmp_path):
     main(["fit", *tiny_demo_args(tmp_path)])
     ckpt = tmp_path / "checkpoints" / "last.ckpt"
@@ -119,7 +134,7 @@ def test_print_config_shows_the_model_and_selection_rule(capsys):
 # ---------------------------------------------------------------------------------------------- configs
 def _instantiate(config: Path, tmp_path: Path) -> MeanSparseCLI:
     return MeanSparseCLI(
-        args=["--config", str(config), f"--trainer.logger.init_args.save_dir={tmp_path}"],
+        args=["--config", str(config), f"--trainer.default_root_dir={tmp_path}"],
         run=False,
     )
 
@@ -152,6 +167,8 @@ def test_cifar10_configs_have_the_paper_settings(config, tmp_path):
     (checkpoint,) = [c for c in cli.trainer.callbacks if isinstance(c, ModelCheckpoint)]
     assert checkpoint.save_last and checkpoint.mode == "max"
     assert checkpoint.monitor == ("val/clean_acc" if objective == "standard" else "val/pgd_acc")
+    assert checkpoint.dirpath is None  # Lightning puts it under the logger's folder, inside default_root_dir
+    assert any(isinstance(c, MeanSparseCallback) for c in cli.trainer.callbacks)
     assert not cli.trainer.validate_loop.inference_mode
 
 
@@ -304,7 +321,8 @@ def test_cifar10_config_trains_and_postprocesses_end_to_end(stem, tmp_path, monk
             folder / f"data_batch_{batch + 1}", cifar_images(8, 8 * batch), {"labels": [0, 1, 2, 3] * 2}
         )
     write_cifar_batch(folder / "test_batch", cifar_images(8, 100), {"labels": [0, 1, 2, 3] * 2})
-    monkeypatch.chdir(tmp_path)  # the config's runs/ paths land here
+    monkeypatch.chdir(tmp_path)
+    root = tmp_path / "elsewhere"  # every output of the config follows default_root_dir
     size = [
         f"--data.init_args.data_dir={tmp_path / 'data'}",
         "--data.init_args.batch_size=8",
@@ -314,11 +332,15 @@ def test_cifar10_config_trains_and_postprocesses_end_to_end(stem, tmp_path, monk
     ]
     config = ROOT / "configs" / "cifar10" / f"{stem}.yaml"
     main(["fit", "--config", str(config), *size, "--trainer.max_epochs=1", "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1",
-          "--trainer.enable_progress_bar=false"])  # fmt: skip
-    best = next((tmp_path / "runs" / "cifar10" / stem / "checkpoints").glob("best-*.ckpt"))
+          "--trainer.enable_progress_bar=false", f"--trainer.default_root_dir={root}"])  # fmt: skip
+    assert not (tmp_path / "runs").exists()
+    best = next(root.rglob("best-*.ckpt"))
+    assert (root / "meansparse.pt").is_file()  # the config's MeanSparseCallback, at fit end
+    assert next(root.rglob("metrics.csv")).is_file()
     output = tmp_path / "meansparse.pt"
     main(["postprocess", "--config", str(config), *size, f"--checkpoint={best}", f"--output={output}",
-          "--trainer.limit_predict_batches=2", "--trainer.enable_progress_bar=false"])  # fmt: skip
+          "--trainer.limit_predict_batches=2", "--trainer.enable_progress_bar=false",
+          f"--trainer.default_root_dir={root}"])  # fmt: skip
     sparse = load_checkpoint(output).eval()
     trained = AdversarialClassifier.load_from_checkpoint(best, weights_only=True).model.eval()
     assert len(operators(sparse)) == 17  # torchvision-style ResNet-18: every activation call site

@@ -433,3 +433,88 @@ def test_sigterm_stops_evaluate_within_one_attack_and_the_resumed_report_is_byte
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     for name in ("evaluation.md", "evaluation.json"):
         assert (tmp_path / "stopped" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes()
+
+
+def test_fit_with_both_callbacks_trains_sparsifies_calibrates_and_chooses_alpha(tmp_path):
+    """`cli.py fit` alone: the MeanSparseCallback sparsifies and calibrates at fit end, the AlphaSearchCallback
+    after it chooses alpha on the held-out split; the checkpoint's alpha is the search's choice, the reports are
+    written and the search's numbers reach the CSV logger."""
+    import csv
+
+    out = tmp_path / "fit"
+    main(
+        [
+            "fit",
+            *DATA,
+            *MODEL,
+            "--trainer.enable_progress_bar=false",
+            "--trainer.enable_model_summary=false",
+            "--trainer.logger=lightning.pytorch.loggers.CSVLogger",
+            f"--trainer.logger.init_args.save_dir={out}",
+            "--model.attack_steps=1",
+            "--model.val_attack_steps=1",
+            "--trainer.max_epochs=1",
+            "--trainer.limit_train_batches=2",
+            f"--trainer.default_root_dir={out}",
+            "--trainer.accelerator=cpu",
+            "--trainer.callbacks+=meansparse_pl.callback.MeanSparseCallback",
+            "--trainer.callbacks+=meansparse_pl.callback.AlphaSearchCallback",
+            "--trainer.callbacks.alphas=[0, 0.3, 2.0]",
+            "--trainer.callbacks.threat.eps=0.1",
+            "--trainer.callbacks.attacks.n_iter=2",
+            "--trainer.callbacks.limit_samples=32",
+            "--trainer.callbacks.batch_size=32",
+            "--trainer.callbacks.max_clean_drop=100",
+        ]
+    )
+    result = json.loads((out / "alpha_search" / "alpha_search.json").read_text())
+    assert get_alpha(load_checkpoint(out / "meansparse.pt")) == pytest.approx(result["suggestion"])
+    payload = torch.load(out / "meansparse.pt", weights_only=True)
+    assert payload["metadata"]["alpha_search"]["suggestion"] == result["suggestion"]
+    assert payload["metadata"]["calibration"]["images"] == 256
+    (metrics,) = out.rglob("metrics.csv")
+    with open(metrics) as handle:
+        rows = [r for r in csv.DictReader(handle) if r.get("alpha_search/alpha")]
+    assert sorted(float(r["alpha_search/alpha"]) for r in rows) == [0.0, 0.3, 2.0]
+
+
+def test_an_alpha_search_callback_without_a_meansparse_callback_before_it_is_refused(tmp_path, capsys):
+    args = ["fit", *DATA, *QUIET, *MODEL, "--trainer.max_epochs=1", f"--trainer.default_root_dir={tmp_path}",
+            "--trainer.callbacks+=meansparse_pl.callback.AlphaSearchCallback"]  # fmt: skip
+    with pytest.raises(SystemExit) as info:
+        main(args)
+    assert info.value.code == 2
+    assert "list a MeanSparseCallback before it" in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_per_operator_alphas_round_trip_and_evaluate(trained, tmp_path):
+    from meansparse_pl import alphas_of, describe, run_attack, set_alpha
+
+    sparse = load_checkpoint(trained["sparse"])
+    set_alpha(sparse, [0.2, 0.6, 0.0])
+    path = tmp_path / "mixed.pt"
+    save_checkpoint(
+        sparse,
+        path,
+        architecture=torch.load(trained["sparse"], weights_only=True)["meansparse"]["architecture"],
+    )
+    again = load_checkpoint(path)
+    assert alphas_of(again) == pytest.approx([0.2, 0.6, 0.0])
+    assert torch.load(path, weights_only=True)["meansparse"]["alpha"] is None  # no single alpha to record
+    table = describe(again)
+    assert "| 0.2 |" in table and "| 0.6 |" in table
+    main(["evaluate", *DATA, *QUIET, *MODEL, f"--checkpoint={path}", "--attacks.names=[clean, apgd-ce]",
+          "--attacks.n_iter=2", "--threat.eps=0.1", "--limit_samples=32", "--batch_size=32",
+          f"--output_dir={tmp_path / 'ev'}"])  # fmt: skip
+    report = json.loads((tmp_path / "ev" / "evaluation.json").read_text())
+    assert report["operator_alphas"] == pytest.approx([0.2, 0.6, 0.0])
+    by_name = {r["name"]: r for r in report["results"]}
+    assert by_name["meansparse"]["alpha"] is None and by_name["base"]["alpha"] == 0.0
+    assert "meansparse (alpha=per operator)" in (tmp_path / "ev" / "evaluation.md").read_text()
+    dataset = _datamodule().test_dataloader().dataset
+    images = torch.stack([dataset[i][0] for i in range(32)])
+    labels = torch.stack([torch.as_tensor(dataset[i][1]) for i in range(32)])
+    expected = run_attack("apgd-ce", again, images, labels, eps=0.1, seed=0, n_iter=2)
+    assert by_name["meansparse"]["accuracy"]["apgd-ce"] == pytest.approx(
+        100.0 * expected.float().mean().item()
+    )

@@ -278,6 +278,26 @@ class AlphaSearchResult:
         fig.tight_layout()
         return fig  # type: ignore[return-value]
 
+    def metrics(self) -> list[dict[str, float]]:
+        """The table as logger rows, one per alpha (its step is its position in the grid), then the choice:
+        ``alpha_search/alpha``, ``alpha_search/<column>`` (clean, every attack, worst_case), and
+        ``alpha_search/suggestion`` with ``alpha_search/highest_eligible``."""
+        rows: list[dict[str, float]] = [
+            {
+                "alpha_search/alpha": alpha,
+                **{f"alpha_search/{column}": self.accuracy[alpha][column] for column in self.columns},
+                "alpha_search/samples": float(self.samples(alpha)),
+            }
+            for alpha in self.alphas
+        ]
+        rows.append(
+            {
+                "alpha_search/suggestion": self.suggestion(),
+                "alpha_search/highest_eligible": self.best_eligible(),
+            }
+        )
+        return rows
+
     # ------------------------------------------------------------------------------------------- JSON
     def to_json(self) -> dict[str, Any]:
         return {

@@ -14,6 +14,7 @@ from meansparse_pl.ops.kernels import (
 )
 from meansparse_pl.ops.meansparse import MeanSparse
 from meansparse_pl.ops.model import (
+    alphas_of,
     backward_mode,
     get_alpha,
     operators,
@@ -27,6 +28,7 @@ __all__ = [
     "BackwardMode",
     "FusedActivation",
     "MeanSparse",
+    "alphas_of",
     "backward_mode",
     "fusable_activation",
     "fused_kernels",

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 from torch import nn
 
@@ -27,18 +27,34 @@ def require_operators(model: nn.Module) -> list[MeanSparse]:
     return found
 
 
-def set_alpha(model: nn.Module, alpha: float) -> None:
-    """Set the one shared alpha of every operator in ``model``."""
-    alpha = check_alpha(alpha)
-    for op in require_operators(model):
-        op.set_alpha(alpha)
+def set_alpha(model: nn.Module, alpha: float | Sequence[float]) -> None:
+    """Set the alpha of every operator in ``model``: one value for all, or one per operator (in the order of
+    :func:`operators`)."""
+    ops = require_operators(model)
+    if isinstance(alpha, Sequence) and not isinstance(alpha, str):
+        if len(alpha) != len(ops):
+            raise ConfigurationError(
+                f"{len(alpha)} alpha values for {len(ops)} operators; give one value, or one per operator."
+            )
+        values = [check_alpha(a) for a in alpha]
+    else:
+        values = [check_alpha(alpha)] * len(ops)
+    for op, value in zip(ops, values, strict=True):
+        op.set_alpha(value)
+
+
+def alphas_of(model: nn.Module) -> list[float]:
+    """Every operator's alpha, in the order of :func:`operators`."""
+    return [float(op.alpha) for op in require_operators(model)]
 
 
 def get_alpha(model: nn.Module) -> float:
-    values = {float(op.alpha) for op in require_operators(model)}
+    """The one alpha all operators share (an error where they differ: see :func:`alphas_of`)."""
+    values = set(alphas_of(model))
     if len(values) != 1:
         raise ConfigurationError(
-            f"operators carry different alpha values {sorted(values)}; set one with set_alpha."
+            f"operators carry different alpha values {sorted(values)}; use alphas_of for them, or set one with "
+            "set_alpha."
         )
     return values.pop()
 
