@@ -47,7 +47,7 @@ from meansparse_pl.config import (
 )
 from meansparse_pl.errors import ConfigurationError
 from meansparse_pl.io import atomic_write, atomic_write_json, atomic_write_text, safe_load
-from meansparse_pl.ops import set_alpha
+from meansparse_pl.ops import operators, set_alpha
 from meansparse_pl.placement import describe, get_preset
 from meansparse_pl.placement import sparsify as place_operators
 from meansparse_pl.steps import first_samples
@@ -66,7 +66,8 @@ class MeanSparseCallback(pl.Callback):
             sites, centre, preset, channel_dims, fuse_activations, strategy, leaf_modules); default: before
             every activation, as in the paper.
         alpha: alpha stored in the saved model (0 keeps it identical to the base model; choose alpha with
-            ``cli.py alpha_search`` or the ``AlphaSearchCallback`` afterwards).
+            ``cli.py alpha_search`` or the ``AlphaSearchCallback`` afterwards); None keeps the operators' own
+            alphas (a model fine-tuned with its operators, see ``AdversarialClassifier(init_checkpoint=...)``).
         use_best_checkpoint: load the ``ModelCheckpoint`` callback's best weights before sparsifying.
         limit_batches: collect statistics on only this many batches per process (None: the whole split).
         batch_size: calibration batch size (None: the datamodule's).
@@ -76,7 +77,7 @@ class MeanSparseCallback(pl.Callback):
     def __init__(
         self,
         placement: PlacementConfig | None = None,
-        alpha: float = 0.0,
+        alpha: float | None = 0.0,
         use_best_checkpoint: bool = True,
         limit_batches: int | None = None,
         batch_size: int | None = None,
@@ -88,7 +89,7 @@ class MeanSparseCallback(pl.Callback):
             raise ConfigurationError(f"placement must be a PlacementConfig, got {type(placement).__name__}.")
         if self.placement.strategy != "published":
             get_preset(self.placement.preset)  # an unknown preset fails before training, not after it
-        self.alpha = check_alpha(alpha)
+        self.alpha = None if alpha is None else check_alpha(alpha)
         self.use_best_checkpoint = bool(use_best_checkpoint)
         self.limit_batches = check_optional_positive_int("limit_batches", limit_batches, "or null for all")
         self.batch_size = check_optional_positive_int(
@@ -105,10 +106,20 @@ class MeanSparseCallback(pl.Callback):
             if best:
                 self.load_weights(pl_module, best)
         loader = self.calibration_loader(trainer)
-        sparse = self.sparsify(pl_module.model, loader)
-        pl_module.model = sparse
+        if operators(pl_module.model):
+            # fine-tuned with its operators: same sites, statistics of the new weights (the BatchNorm running
+            # statistics were kept up to date by training, on the same adversarial batches as the control's)
+            sparse = pl_module.model
+            rank_zero_info(
+                f"MeanSparse: the model was trained with {len(operators(sparse))} operators; recalibrating their "
+                "statistics on the fine-tuned weights"
+            )
+        else:
+            sparse = self.sparsify(pl_module.model, loader)
+            pl_module.model = sparse
         summary = self.calibrate(sparse, loader, progress=trainer.is_global_zero)
-        set_alpha(sparse, self.alpha)
+        if self.alpha is not None:
+            set_alpha(sparse, self.alpha)
         self.summary = {
             "sites": summary.sites,
             "images": summary.images,

@@ -163,6 +163,23 @@ def load_checkpoint(
     return sparse
 
 
+def load_model_or_weights(
+    path: str | os.PathLike, model: nn.Module | None = None, *, fallback_model: nn.Module | None = None
+) -> nn.Module:
+    """The model of ``path``: a file with a MeanSparse record (ours, or a Lightning checkpoint of a sparsified
+    module) is loaded as :func:`load_checkpoint` does (on ``model``, else on the architecture it records, else on
+    ``fallback_model``); any other file (a Lightning checkpoint or a plain state dict) loads its weights into
+    ``model`` (or ``fallback_model``). Safely, strictly, with one clear error."""
+    payload = safe_load(path)
+    if isinstance(payload, dict) and "meansparse" in payload:
+        return load_checkpoint(path, model, fallback_model=fallback_model)
+    target = model if model is not None else fallback_model
+    if target is None:
+        raise CheckpointError(f"{path} holds plain weights; pass the network to load them into.")
+    _load_state(target, model_state(payload, path), path, "is it the right architecture?")
+    return target
+
+
 def _operator_paths(model: nn.Module) -> list[str]:
     return [name for name, module in model.named_modules() if isinstance(module, MeanSparse)]
 

@@ -1,7 +1,7 @@
 """Command-line interface: ``python cli.py SUBCOMMAND --config configs/<name>.yaml``.
 
 Subcommands: ``fit``, ``validate``, ``test`` (Lightning's) and the MeanSparse steps ``postprocess``,
-``alpha_search`` and ``evaluate`` (methods of :class:`~meansparse_pl.trainer.MeanSparseTrainer`).
+``alpha_search``, ``evaluate`` and ``compare`` (methods of :class:`~meansparse_pl.trainer.MeanSparseTrainer`).
 
 A thin :class:`~lightning.pytorch.cli.LightningCLI` subclass. The model is always
 :class:`~meansparse_pl.module.AdversarialClassifier` (its arguments are the ``model:`` section); the data is
@@ -122,6 +122,7 @@ class MeanSparseCLI(LightningCLI):
             "postprocess": {"model", "datamodule"},
             "alpha_search": {"model", "datamodule"},
             "evaluate": {"model", "datamodule"},
+            "compare": {"model", "datamodule"},
         }
 
     def before_instantiate_classes(self) -> None:

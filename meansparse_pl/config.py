@@ -2,7 +2,8 @@
 
 Each concept has one definition here, passed whole through the Python API, the callbacks and LightningCLI
 (jsonargparse reads dataclasses): :class:`PlacementConfig` (where operators go), :class:`ThreatModel` (norm
-and radius) and :class:`AttackConfig` (which attacks, with which options). The ``check_*`` functions are the
+and radius), :class:`AttackConfig` (which attacks, with which options) and :class:`ComparedModel` (one entry of
+a comparison). The ``check_*`` functions are the
 single place where each rule lives; every message names the problem and the fix in one line.
 
 This module imports nothing else from the package: names that only a higher layer knows (attack names,
@@ -251,12 +252,16 @@ class AttackConfig:
             each attack's standard setting (100).
         n_restarts: Restarts of every attack that takes n_restarts; None keeps each attack's default.
         options: Per attack name, options that override the two above, e.g. {"pgd": {"steps": 50}}.
+        cascade: Attacks for the best-known column only, run in this order on the samples that every earlier
+            attack failed to break (a cheaper worst case: each one skips what is already broken), e.g.
+            [transfer-base, apgd-t, fab-t, square]; the columns of names stay full.
     """
 
     names: list[str] = field(default_factory=lambda: ["clean", "apgd-ce"])
     n_iter: int | None = None
     n_restarts: int | None = None
     options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    cascade: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         names = self.names
@@ -278,3 +283,42 @@ class AttackConfig:
                 f"{self.options!r}."
             )
         object.__setattr__(self, "options", {k: dict(v) for k, v in options.items()})
+        cascade = self.cascade or []
+        if (
+            isinstance(cascade, str)
+            or not isinstance(cascade, Sequence)
+            or not all(isinstance(n, str) for n in cascade)
+        ):
+            raise ConfigurationError(
+                f"the attack cascade must be a list of attack names, got {self.cascade!r}."
+            )
+        repeated = sorted(set(cascade) & set(self.names)) or sorted(
+            {n for n in cascade if list(cascade).count(n) > 1}
+        )
+        if repeated:
+            raise ConfigurationError(
+                f"attack(s) {', '.join(repeated)} appear twice in names and cascade; run each attack once."
+            )
+        object.__setattr__(self, "cascade", list(cascade))
+
+
+@dataclass(frozen=True)
+class ComparedModel:
+    """One model of a comparison: a label for the report, its checkpoint, and optionally one alpha for every
+    operator (0: the base network, the operators switched off; None: the checkpoint's own alphas)."""
+
+    label: str
+    checkpoint: str
+    alpha: float | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.label, str) or not self.label.strip() or "/" in self.label:
+            raise ConfigurationError(
+                f"a compared model needs a non-empty label without '/', got {self.label!r}; e.g. 'control'."
+            )
+        if not isinstance(self.checkpoint, str) or not self.checkpoint:
+            raise ConfigurationError(
+                f"{self.label}: checkpoint must be a file path, got {self.checkpoint!r}."
+            )
+        if self.alpha is not None:
+            object.__setattr__(self, "alpha", check_alpha(self.alpha))

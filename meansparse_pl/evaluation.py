@@ -72,6 +72,9 @@ class EvaluationTask:
     # one alpha for every operator, one per operator (in the order of ``operators``), or None: the operators'
     # alphas as they were when the run started
     alpha: float | tuple[float, ...] | None = None
+    # a cascade step: attack only the samples every one of these tasks (earlier in the list) found correct; the
+    # others are already broken and count as not robust
+    after: tuple[str, ...] = ()
 
 
 class ResumeState:
@@ -147,6 +150,7 @@ def fingerprint_of(model: nn.Module, tasks: Sequence[EvaluationTask], dataset: D
             t.threat.norm,
             sorted(t.options.items()),
             model_alphas if t.alpha is None else t.alpha,
+            *([list(t.after)] if t.after else []),  # a cascade step depends on the tasks before it
         )
         for t in tasks
     ]
@@ -174,6 +178,13 @@ class EvaluationModule(pl.LightningModule):
         keys = [t.key for t in tasks]
         if len(set(keys)) != len(keys):
             raise ConfigurationError(f"evaluation task keys must be unique, got {keys}.")
+        for position, task in enumerate(tasks):
+            missing = [k for k in task.after if k not in keys[:position]]
+            if missing:
+                raise ConfigurationError(
+                    f"task {task.key} attacks the survivors of {missing}, which do not come before it; order "
+                    "a cascade after the tasks it follows."
+                )
         self.model = model
         self.tasks = list(tasks)
         self.seed = seed
@@ -199,6 +210,7 @@ class EvaluationModule(pl.LightningModule):
         images, labels, indices = batch
         index_list = [int(i) for i in indices]
         assert self.state is not None
+        batch_verdicts: dict[str, Tensor] = {}
         for task in self.tasks:
             if self.state.done(task.key, index_list):
                 correct = torch.tensor([self.state.results[task.key][i] for i in index_list])
@@ -206,21 +218,26 @@ class EvaluationModule(pl.LightningModule):
                 alpha = task.alpha if task.alpha is not None else self.initial_alphas
                 if alpha is not None:
                     set_alpha(self.model, alpha)
-                # seed from the batch's first sample: a resumed run repeats exactly the same attack
-                torch.manual_seed(self.seed + index_list[0])
+                survivors = torch.ones(len(index_list), dtype=torch.bool)
+                for earlier in task.after:
+                    survivors &= batch_verdicts[earlier]
                 started = time.perf_counter()
-                with torch.enable_grad():
-                    correct = run_attack(
-                        task.attack,
-                        self.model,
-                        images,
-                        labels,
-                        eps=task.threat.eps,
-                        norm=task.threat.norm,
-                        seed=self.seed + index_list[0],
-                        batch_size=self.attack_batch_size,
-                        **task.options,
-                    ).cpu()
+                correct = torch.zeros(len(index_list), dtype=torch.bool)
+                if survivors.any():
+                    # seed from the batch's first sample: a resumed run repeats exactly the same attack
+                    torch.manual_seed(self.seed + index_list[0])
+                    with torch.enable_grad():
+                        correct[survivors] = run_attack(
+                            task.attack,
+                            self.model,
+                            images[survivors.to(images.device)],
+                            labels[survivors.to(labels.device)],
+                            eps=task.threat.eps,
+                            norm=task.threat.norm,
+                            seed=self.seed + index_list[0],
+                            batch_size=self.attack_batch_size,
+                            **task.options,
+                        ).cpu()
                 self.state.record(task.key, index_list, correct)
                 self.state.save()  # after every attack: an interruption loses at most one attack on one batch
                 # one batch can hold many minutes of attacks (AutoAttack on CPU): say what finished, so the
@@ -230,6 +247,7 @@ class EvaluationModule(pl.LightningModule):
                     f"{100.0 * float(correct.float().mean()):.2f}% in {time.perf_counter() - started:.0f} s"
                 )
                 self._stop_if_requested()
+            batch_verdicts[task.key] = correct
             rows = torch.stack([indices.cpu().to(torch.float64), correct.to(torch.float64)], dim=1)
             self.rows[self._metric_name(task.key)].update(rows.to(self.device))
 

@@ -18,22 +18,33 @@ the very same network eagerly in ``load_from_checkpoint``.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from meansparse_pl.attacks import pgd_perturb, trades_loss
-from meansparse_pl.checkpoint import placement_record, rebuild_operators
-from meansparse_pl.config import ThreatModel, check_choice, check_number, check_positive_int
+from meansparse_pl.checkpoint import load_model_or_weights, placement_record, rebuild_operators
+from meansparse_pl.config import (
+    ThreatModel,
+    check_alpha,
+    check_choice,
+    check_number,
+    check_positive_int,
+)
 from meansparse_pl.errors import ConfigurationError
 from meansparse_pl.models import create_model
 from meansparse_pl.modes import eval_mode
+from meansparse_pl.ops import BackwardMode, backward_mode, check_backward_mode, operators, set_alpha
 
 Objective = Literal["standard", "pgd", "trades"]
 OBJECTIVES: tuple[str, ...] = ("standard", "pgd", "trades")
@@ -105,6 +116,9 @@ class AdversarialClassifier(pl.LightningModule):
         weight_decay: float = 5e-4,
         lr_milestones: Sequence[int] = (100, 150),
         lr_gamma: float = 0.1,
+        init_checkpoint: str | None = None,
+        operator_alpha: float | None = None,
+        operator_backward: BackwardMode = "straight_through",
     ) -> None:
         """
         Args:
@@ -131,6 +145,17 @@ class AdversarialClassifier(pl.LightningModule):
             weight_decay: L2 weight decay (paper: 5e-4).
             lr_milestones: Epochs at which the learning rate is multiplied by lr_gamma (paper: 100, 150).
             lr_gamma: Learning-rate decay factor at each milestone (paper: 0.1).
+            init_checkpoint: Start from these weights instead of a random initialisation (fine-tuning): a
+                sparsified, calibrated MeanSparse checkpoint (its operators are rebuilt and trained through),
+                a Lightning checkpoint or a plain state dict of the network. Loaded once, when the network is
+                set up (``configure_model``); a ``ckpt_path`` given to ``fit`` is restored on top of it.
+            operator_alpha: The alpha of every MeanSparse operator while fine-tuning (None: the checkpoint's).
+                0 makes every operator the identity in the forward and the backward pass: the equal-budget
+                control, the base network fine-tuned the same way without operators.
+            operator_backward: How the training attack, the loss and the validation attack differentiate
+                through the operators: straight_through (BPDA: identity backward, the default; the exact
+                gradient is zero inside the band and would mask the attack), surrogate (a smooth sigmoid
+                relaxation of the band) or exact.
         """
         super().__init__()
         check_choice("objective", objective, OBJECTIVES)
@@ -155,6 +180,16 @@ class AdversarialClassifier(pl.LightningModule):
         if milestones != sorted(set(milestones)):
             raise ConfigurationError(
                 f"lr_milestones must be strictly increasing epochs, got {list(lr_milestones)}."
+            )
+        check_backward_mode(operator_backward)
+        if operator_alpha is not None:
+            operator_alpha = check_alpha(operator_alpha)
+        if init_checkpoint is not None and not isinstance(init_checkpoint, str | os.PathLike):
+            raise ConfigurationError(f"init_checkpoint must be a file path, got {init_checkpoint!r}.")
+        if operator_alpha is not None and init_checkpoint is None:
+            raise ConfigurationError(
+                "operator_alpha sets the alpha of the operators of init_checkpoint; give init_checkpoint (a "
+                "MeanSparse checkpoint) too, or leave operator_alpha out."
             )
         if backbone_kwargs is not None and not isinstance(backbone_kwargs, dict):
             raise ConfigurationError(f"backbone_kwargs must be a mapping, got {backbone_kwargs!r}.")
@@ -181,8 +216,12 @@ class AdversarialClassifier(pl.LightningModule):
                 "weight_decay": weight_decay,
                 "lr_milestones": tuple(milestones),
                 "lr_gamma": lr_gamma,
+                "init_checkpoint": None if init_checkpoint is None else str(init_checkpoint),
+                "operator_alpha": operator_alpha,
+                "operator_backward": operator_backward,
             }
         )
+        self.started_from: str | None = None  # the init_checkpoint once loaded (never loaded twice)
 
         self.model: nn.Module | None = None
         if self.hparams.normalization is not None:
@@ -236,9 +275,35 @@ class AdversarialClassifier(pl.LightningModule):
         self.model = rebuild_operators(self.model, record)
 
     def configure_model(self) -> None:
-        """Build the network now if ``normalization`` was left to the datamodule (see the module docstring)."""
-        if self.model is not None:
-            return
+        """Build the network now if ``normalization`` was left to the datamodule (see the module docstring), then
+        load ``init_checkpoint`` into it (once)."""
+        if self.model is None:
+            self.model = self._build(self._resolved_normalization())
+        if self.hparams.init_checkpoint is not None and self.started_from is None:
+            self.start_from(self.hparams.init_checkpoint)
+
+    def start_from(self, path: str | os.PathLike) -> None:
+        """Load the weights to fine-tune (see ``init_checkpoint``) and set ``operator_alpha`` on the operators."""
+        if not Path(path).is_file():
+            raise ConfigurationError(f"init_checkpoint {path} is not a file; check the path.")
+        self.model = load_model_or_weights(path, self._network())
+        alpha = self.hparams.operator_alpha
+        if alpha is not None:
+            if not operators(self.model):
+                raise ConfigurationError(
+                    f"operator_alpha is set but {path} has no MeanSparse operators; start from a sparsified, "
+                    "calibrated checkpoint (cli.py postprocess or the MeanSparseCallback) or drop operator_alpha."
+                )
+            set_alpha(self.model, alpha)
+        self.started_from = str(path)
+        if operators(self.model):
+            rank_zero_info(
+                f"fine-tuning from {path} with {len(operators(self.model))} MeanSparse operators (alpha "
+                f"{', '.join(sorted({f'{a:g}' for a in (float(op.alpha) for op in operators(self.model))}))}, "
+                f"{self.hparams.operator_backward} backward)"
+            )
+
+    def _resolved_normalization(self) -> Normalization:
         normalization = None
         datamodule = self._trainer.datamodule if self._trainer is not None else None
         if datamodule is not None and getattr(datamodule, "normalization", None) is not None:
@@ -247,7 +312,11 @@ class AdversarialClassifier(pl.LightningModule):
             c = self.hparams.in_channels
             normalization = ((0.0,) * c, (1.0,) * c)  # identity, stated explicitly so checkpoints rebuild it
         self.hparams["normalization"] = normalization
-        self.model = self._build(normalization)
+        return normalization
+
+    def _through_operators(self) -> contextlib.AbstractContextManager:
+        """The operators' backward while training and validating (``operator_backward``); a no-op without them."""
+        return backward_mode(self._network(), self.hparams.operator_backward)
 
     def _network(self) -> nn.Module:
         if self.model is None:
@@ -266,7 +335,7 @@ class AdversarialClassifier(pl.LightningModule):
         """PGD adversarial examples for ``(x, y)``, generated with the network in eval mode."""
         hp = self.hparams
         model = self._network()
-        with eval_mode(model):
+        with eval_mode(model), self._through_operators():
             return pgd_perturb(
                 model,
                 x,
@@ -284,6 +353,10 @@ class AdversarialClassifier(pl.LightningModule):
         Kept separate from :meth:`training_step` so that the plain-PyTorch benchmark loop and the tests run
         exactly the same computation.
         """
+        with self._through_operators():
+            return self._objective(x, y)
+
+    def _objective(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         hp = self.hparams
         model = self._network()
         if hp.objective == "standard":

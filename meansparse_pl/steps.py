@@ -4,6 +4,7 @@ model. Kept apart from :mod:`meansparse_pl.trainer`, whose methods are the subco
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -15,9 +16,10 @@ from torch.utils.data import Dataset, Subset
 from meansparse_pl.alpha_search import check_alphas
 from meansparse_pl.attacks import check_attack_config
 from meansparse_pl.calibration import check_input_shape, expected_input_shape
-from meansparse_pl.checkpoint import load_checkpoint, load_weights
+from meansparse_pl.checkpoint import load_checkpoint, load_model_or_weights, load_weights
 from meansparse_pl.config import (
     AttackConfig,
+    ComparedModel,
     PlacementConfig,
     ThreatModel,
     check_alpha,
@@ -26,7 +28,7 @@ from meansparse_pl.config import (
     check_positive_int,
 )
 from meansparse_pl.errors import CheckpointError, ConfigurationError, DataNotFoundError
-from meansparse_pl.ops import require_operators
+from meansparse_pl.ops import alphas_of, operators, require_operators, set_alpha
 from meansparse_pl.placement import get_preset
 from meansparse_pl.report import COMPOSITE_ATTACKS
 from meansparse_pl.robustbench import load_robustbench_weights
@@ -58,7 +60,7 @@ def check_options(subcommand: str, options: Mapping[str, Any]) -> None:
     """Every check of a MeanSparse subcommand's own options that needs no data and no model: attack names and
     options, threat model, alphas, batch sizes, limits, paths. ``cli.py`` runs it right after parsing, so a bad
     value is one line before anything is loaded; the subcommand itself runs it again on its arguments."""
-    if subcommand not in ("postprocess", "alpha_search", "evaluate"):
+    if subcommand not in ("postprocess", "alpha_search", "evaluate", "compare"):
         return
     get = options.get
     check_positive_int("batch_size", get("batch_size", 1), "the number of images per attacked batch")
@@ -71,6 +73,8 @@ def check_options(subcommand: str, options: Mapping[str, Any]) -> None:
         _existing_file("checkpoint", get("checkpoint"))
         _writable_file("output", get("output"))
         return
+    if subcommand == "compare":
+        _check_compared(get("models"), get("control"))
     _existing_file("checkpoint", get("checkpoint"))
     threat = _as(ThreatModel, get("threat")) or ThreatModel()
     attacks = _as(AttackConfig, get("attacks"))
@@ -93,6 +97,25 @@ def check_options(subcommand: str, options: Mapping[str, Any]) -> None:
         raise ConfigurationError(f"histogram_site must be an operator site index >= 0, got {site!r}.")
 
 
+def _check_compared(models: Any, control: Any) -> None:
+    entries = [_as(ComparedModel, m) for m in models or []]
+    if len(entries) < 2:
+        raise ConfigurationError(
+            "compare needs at least two models (a control and one to compare with it), each as "
+            "{label: ..., checkpoint: ...}."
+        )
+    labels = [m.label for m in entries]
+    if len(set(labels)) != len(labels):
+        raise ConfigurationError(f"compared model labels must be unique, got {labels}.")
+    if control not in labels:
+        raise ConfigurationError(
+            f"control {control!r} is not one of the compared models' labels {labels}; name the equal-budget "
+            "control's label."
+        )
+    for m in entries:
+        _existing_file(f"{m.label} checkpoint", m.checkpoint)
+
+
 def first_samples(dataset: Dataset, limit: int | None) -> Dataset:
     """The first ``limit`` samples of ``dataset`` (all of them for None)."""
     limit = check_optional_positive_int("limit_samples", limit, "or null for every sample")
@@ -110,6 +133,49 @@ def calibrated_model(checkpoint: str, network: nn.Module | None, fallback: nn.Mo
             f"{checkpoint} has uncalibrated MeanSparse operators; run `cli.py postprocess` on it first."
         )
     return sparse
+
+
+def split_samples(datamodule: Any, split: str, limit: int | None) -> Dataset:
+    """The first ``limit`` samples of the datamodule's test split, or of its held-out validation split."""
+    datamodule.setup("test" if split == "test" else "fit")
+    loader = datamodule.test_dataloader() if split == "test" else datamodule.val_dataloader()
+    return first_samples(loader.dataset, limit)
+
+
+def compared_model(entry: ComparedModel, network: nn.Module | None, fallback: nn.Module | None) -> nn.Module:
+    """One model of ``compare``: a MeanSparse checkpoint (its operators calibrated; on a fresh copy of ``network``,
+    else on the architecture it records, else on a copy of the model section's network) or plain trained weights
+    (on a copy of ``network`` or of the model section's network), with ``entry.alpha`` set when given."""
+    if network is None and fallback is None:
+        raise ConfigurationError(
+            f"{entry.label}: no network to load {entry.checkpoint} into; give --network."
+        )
+    loaded = load_model_or_weights(
+        entry.checkpoint, copy.deepcopy(network), fallback_model=copy.deepcopy(fallback)
+    )
+    if operators(loaded) and not all(op.is_calibrated for op in operators(loaded)):
+        raise CheckpointError(
+            f"{entry.checkpoint} has uncalibrated MeanSparse operators; run `cli.py postprocess` on it first."
+        )
+    if entry.alpha is not None:
+        if operators(loaded):
+            set_alpha(loaded, entry.alpha)
+        elif entry.alpha != 0:
+            raise ConfigurationError(
+                f"{entry.label}: alpha {entry.alpha:g} given, but {entry.checkpoint} has no MeanSparse operators; "
+                "give a MeanSparse checkpoint or leave alpha out."
+            )
+    return loaded
+
+
+def operator_setting(model: nn.Module) -> str:
+    """How a compared model's operators are set, for the report's column heads."""
+    if not operators(model):
+        return "no operators"
+    values = alphas_of(model)
+    if len(set(values)) > 1:
+        return "alpha per operator"
+    return f"alpha {values[0]:g}"
 
 
 def check_data_fits(model: nn.Module, dataset: Dataset, datamodule: Any, checkpoint: str) -> None:

@@ -1,4 +1,4 @@
-"""A Trainer with the MeanSparse subcommands: ``postprocess``, ``alpha_search`` and ``evaluate``.
+"""A Trainer with the MeanSparse subcommands: ``postprocess``, ``alpha_search``, ``evaluate`` and ``compare``.
 
 LightningCLI builds each subcommand's options from the method's signature (so every argument below is a
 ``--name`` option and a config key) and passes the configured ``model`` and ``datamodule``. The options are the
@@ -34,7 +34,8 @@ from meansparse_pl.architecture import network_record
 from meansparse_pl.attacks import options_for, worst_case
 from meansparse_pl.calibration import CalibrationModule, images_of
 from meansparse_pl.checkpoint import save_checkpoint
-from meansparse_pl.config import AttackConfig, PlacementConfig, ThreatModel, check_alpha
+from meansparse_pl.comparison import compare_models
+from meansparse_pl.config import AttackConfig, ComparedModel, PlacementConfig, ThreatModel, check_alpha
 from meansparse_pl.errors import ConfigurationError
 from meansparse_pl.evaluation import EvaluationTask, run_tasks
 from meansparse_pl.io import (
@@ -58,11 +59,23 @@ from meansparse_pl.steps import (
     calibrated_model,
     check_data_fits,
     check_options,
+    compared_model,
     first_samples,
     load_trained_weights,
+    operator_setting,
+    split_samples,
 )
 
-EVALUATE_ATTACKS = ("clean", "autoattack", "apgd-ce", "apgd-ce+dlr", "bpda-apgd-ce")
+# AutoAttack and the white-box columns, then the cheap adaptive attacks every best-known number includes
+EVALUATE_ATTACKS = (
+    "clean",
+    "autoattack",
+    "apgd-ce",
+    "apgd-ce+dlr",
+    "bpda-apgd-ce",
+    "surrogate-apgd-ce",
+    "transfer-base",
+)
 LARGE_EPS_ATTACKS = ("apgd-ce", "bpda-apgd-ce")
 
 
@@ -208,8 +221,9 @@ class MeanSparseTrainer(pl.Trainer):
             selection: highest (the highest criterion accuracy) or smallest_within_error (the smallest alpha
                 within one paired standard error of the highest: a more reproducible choice when alphas are
                 within noise of each other).
-            schedule: Exhaustive (every alpha on every image) or SuccessiveHalving (growing subsets, dropping
-                alphas early; see benchmarks/README.md for its measured agreement and cost).
+            schedule: Exhaustive (every alpha on every image), SuccessiveHalving (growing subsets, dropping
+                alphas early; see benchmarks/README.md for its measured agreement and cost) or PerSite (one
+                alpha per operator or group, by coordinate ascent from the best global alpha).
             seed: Attack seed (and the seeded order of the held-out samples).
             batch_size: Evaluation batch size.
             limit_samples: Use the first N held-out images (null: all).
@@ -315,21 +329,33 @@ class MeanSparseTrainer(pl.Trainer):
             label = None if isinstance(setting, tuple) else setting
             variants = [("meansparse", setting)] + ([("base", 0.0)] if compare_base and label != 0 else [])
             atomic = atomic_attacks(attacks.names)
-            tasks = [
-                EvaluationTask(f"{v}/eps={e:g}/{a}", a, threat.with_eps(e), options_for(attacks, a), va)
-                for v, va in variants
-                for e in radii
-                for a in atomic
-            ]
+            tasks = []
+            for v, va in variants:
+                for e in radii:
+                    prefix = f"{v}/eps={e:g}/"
+                    tasks += [
+                        EvaluationTask(prefix + a, a, threat.with_eps(e), options_for(attacks, a), va)
+                        for a in atomic
+                    ]
+                    for position, a in enumerate(attacks.cascade):  # each on the survivors of all before it
+                        before = (*atomic, *attacks.cascade[:position])
+                        tasks.append(
+                            EvaluationTask(
+                                prefix + a,
+                                a,
+                                threat.with_eps(e),
+                                options_for(attacks, a),
+                                va,
+                                tuple(prefix + b for b in before),
+                            )
+                        )
             if large is not None:
                 tasks += [
                     EvaluationTask(f"{v}/large/{a}", a, large, options_for(attacks, a), va)
                     for v, va in variants
                     for a in LARGE_EPS_ATTACKS
                 ]
-            datamodule.setup("test" if split == "test" else "fit")
-            loader = datamodule.test_dataloader() if split == "test" else datamodule.val_dataloader()
-            dataset = first_samples(loader.dataset, limit_samples)
+            dataset = split_samples(datamodule, split, limit_samples)
             check_data_fits(sparse, dataset, datamodule, checkpoint)
             per_sample = run_tasks(
                 sparse,
@@ -343,7 +369,7 @@ class MeanSparseTrainer(pl.Trainer):
             results = []
             for v, va in variants:
                 for e in radii:
-                    subset = {a: per_sample[f"{v}/eps={e:g}/{a}"] for a in atomic}
+                    subset = {a: per_sample[f"{v}/eps={e:g}/{a}"] for a in (*atomic, *attacks.cascade)}
                     alpha_of_variant = None if isinstance(va, tuple) else va  # None: one alpha per operator
                     results.append(VariantResult(v, alpha_of_variant, e, summarise(subset, attacks.names)))
             report = RobustnessReport(
@@ -353,6 +379,7 @@ class MeanSparseTrainer(pl.Trainer):
                 results,
                 large_eps=large_eps,
                 operator_alphas=list(setting) if isinstance(setting, tuple) else None,
+                cascade=list(attacks.cascade) or None,
             )
             if large is not None:
                 for v, _ in variants:
@@ -369,6 +396,74 @@ class MeanSparseTrainer(pl.Trainer):
                 print(report.table())
                 print(f"\nwrote {out}/evaluation.{{md,json}}")
             self.strategy.barrier("evaluate_saved")
+
+    # ---------------------------------------------------------------------------------------- compare
+    def compare(
+        self,
+        model: pl.LightningModule,
+        datamodule: pl.LightningDataModule,
+        models: list[ComparedModel],
+        control: str,
+        network: nn.Module | None = None,
+        attacks: AttackConfig = AttackConfig(names=list(EVALUATE_ATTACKS)),
+        threat: ThreatModel = ThreatModel(),
+        split: Literal["test", "val"] = "test",
+        seed: int = 0,
+        batch_size: int = 256,
+        limit_samples: int | None = 1000,
+        output_dir: str = "runs/compare",
+        resume: bool = True,
+    ) -> None:
+        """Attack several models on the same samples with the same attacks and seeds; report each one's accuracy
+        per attack and best known, and its paired difference to the equal-budget control.
+
+        Args:
+            models: The models: label, checkpoint (a MeanSparse checkpoint, a Lightning checkpoint or a plain
+                state dict) and optionally one alpha for every operator (0: the base network).
+            control: The label every other model is compared with (the equal-budget control).
+            network: The network class the checkpoints were saved from (class_path + init_args), when it is not
+                a registry model.
+            attacks: Attacks and their options (names: full columns; cascade: best known only, each attack on the
+                survivors of all before it).
+            threat: Threat model: norm (Linf or L2) and eps in [0, 1] pixel units.
+            split: test (reported numbers) or val.
+            seed: Attack seed, the same for every model.
+            batch_size: Evaluation batch size.
+            limit_samples: First N images of the split (null: all).
+            output_dir: Where comparison.md / .json / .png and the resume states go.
+            resume: Continue an interrupted comparison from its state files.
+        """
+        check_options("compare", locals())
+        out = Path(output_dir)
+        with self._holding(out):
+            fallback = None if network is not None else getattr(model, "model", None)
+            loaded = {m.label: compared_model(m, network, fallback) for m in models}
+            dataset = split_samples(datamodule, split, limit_samples)
+            for m in models:
+                check_data_fits(loaded[m.label], dataset, datamodule, m.checkpoint)
+            result = compare_models(
+                {label: net.to(self.strategy.root_device) for label, net in loaded.items()},
+                dataset,
+                control=control,
+                attacks=attacks,
+                threat=threat,
+                batch_size=batch_size,
+                seed=seed,
+                state_dir=out if resume else None,
+                trainer=self,
+                settings={label: operator_setting(net) for label, net in loaded.items()},
+            )
+            if self.is_global_zero:
+                self._log([result.metrics()])
+                atomic_write_text(out / "comparison.md", result.table() + "\n")
+                atomic_write_json(out / "comparison.json", result.to_json())
+                figure = result.plot()
+                atomic_write(
+                    out / "comparison.png", lambda handle: figure.savefig(handle, format="png", dpi=120)
+                )
+                print(result.table())
+                print(f"\nwrote {out}/comparison.{{md,json,png}}")
+            self.strategy.barrier("compare_saved")
 
     # ----------------------------------------------------------------------------------------- shared
     #: set by ``cli.py`` before a subcommand runs: the ``--network`` it was given, as a checkpoint records it

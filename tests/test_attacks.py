@@ -328,6 +328,8 @@ def test_attack_names_registry():
         "clean",
         "pgd",
         "apgd-ce",
+        "surrogate-apgd-ce",
+        "transfer-base",
         "apgd-dlr",
         "apgd-ce+dlr",
         "apgd-t",
@@ -389,6 +391,8 @@ def test_every_attack_implies_clean_and_worst_case(classifier):
         "square": {"n_queries": 30},
         "autoattack": {"n_iter": 10, "n_queries": 30},
         "bpda-apgd-ce": {"n_iter": 10},
+        "surrogate-apgd-ce": {"n_iter": 10},
+        "transfer-base": {"n_iter": 10},
         "adaptive": {"steps": 5, "step_size": EPS / 4},
     }
     assert set(fast) == set(ATTACK_NAMES)
@@ -640,11 +644,99 @@ def test_adaptive_penalty_matches_hand_computation():
 
 def test_adaptive_with_bpda_option_runs_and_restores(sparse_classifier):
     model, x, y = sparse_classifier
-    correct = run_attack("adaptive", model, x, y, eps=EPS, steps=5, lambda_=1.0, straight_through=True)
+    correct = run_attack("adaptive", model, x, y, eps=EPS, steps=5, lambda_=1.0, backward="straight_through")
     assert correct.shape == y.shape
     assert all(op.backward_mode == "exact" for op in operators(model))
     with backward_mode(model, "straight_through"):
         assert all(op.backward_mode == "straight_through" for op in operators(model))
+
+
+def test_the_backward_switch_runs_an_attack_through_another_backward_and_restores_it(sparse_classifier):
+    """bpda-apgd-ce is apgd-ce with backward=straight_through: the same verdicts; the switch applies to every
+    gradient attack and the operators' own mode is back afterwards."""
+    model, x, y = sparse_classifier
+    preset = run_attack("bpda-apgd-ce", model, x, y, eps=EPS, n_iter=5)
+    switched = run_attack("apgd-ce", model, x, y, eps=EPS, n_iter=5, backward="straight_through")
+    assert torch.equal(preset, switched)
+    surrogate = run_attack("surrogate-apgd-ce", model, x, y, eps=EPS, n_iter=5, temperature=0.2)
+    assert torch.equal(
+        surrogate,
+        run_attack("apgd-ce", model, x, y, eps=EPS, n_iter=5, backward="surrogate", temperature=0.2),
+    )
+    for name in ("pgd", "apgd-dlr", "adaptive"):
+        assert (
+            run_attack(
+                name,
+                model,
+                x,
+                y,
+                eps=EPS,
+                backward="surrogate",
+                **({"steps": 2} if name in ("pgd", "adaptive") else {"n_iter": 2}),
+            ).shape
+            == y.shape
+        )
+    assert all(op.backward_mode == "exact" for op in operators(model))
+    with pytest.raises(ConfigurationError, match="backward mode must be one of"):
+        run_attack("apgd-ce", model, x, y, eps=EPS, backward="sideways")
+
+
+def test_surrogate_backward_is_the_gradient_of_the_relaxed_operator_hand_derived():
+    """One operator, mean 0, variance 1, alpha 1 (threshold 1), temperature 0.5 (width 0.5): the surrogate slope
+    is o + |x| o (1 - o) / 0.5 with o = sigmoid((|x| - 1) / 0.5); at |x| = 1 it is 0.5 + 1 * 0.25 / 0.5 = 1,
+    at 0 it is sigmoid(-2); and it equals autograd through the relaxed operator x - s(x) x in float64."""
+    op = MeanSparse(1, alpha=1.0, backward_mode="surrogate", temperature=0.5)
+    op.set_statistics(torch.zeros(1), torch.ones(1), count=10)
+    x = torch.tensor([[-3.0], [-1.0], [-0.4], [0.0], [0.7], [1.0], [2.5]], requires_grad=True)
+    out = op(x)
+    assert torch.equal(out.detach(), torch.where(x.detach().abs() < 1, 0.0, x.detach()))  # forward unchanged
+    (grad,) = torch.autograd.grad(out.sum(), x)
+    assert grad[5, 0].item() == pytest.approx(1.0, abs=1e-6) and grad[1, 0].item() == pytest.approx(
+        1.0, abs=1e-6
+    )
+    assert grad[3, 0].item() == pytest.approx(torch.sigmoid(torch.tensor(-2.0)).item(), abs=1e-7)
+    x64 = x.detach().double().requires_grad_()
+    inside = torch.sigmoid((1.0 - x64.abs()) / 0.5)
+    (reference,) = torch.autograd.grad((x64 - inside * x64).sum(), x64)
+    torch.testing.assert_close(grad.double(), reference, rtol=1e-6, atol=1e-6)
+    # small temperatures approach the exact gradient (zero inside the band, one outside) away from the edge,
+    # where the relaxed jump becomes a spike
+    op.temperature = 1e-3
+    (sharp,) = torch.autograd.grad(op(x).sum(), x)
+    away = x.detach().abs() != 1
+    assert torch.equal(sharp[away].round(), (x.detach().abs() > 1).float()[away])
+    assert (sharp[~away] > 100).all()
+
+
+def test_transfer_base_is_apgd_ce_on_the_base_model_judged_on_the_defended_one(sparse_classifier):
+    """Reproduced with pyautoattack directly: APGD-CE on an operator-free copy of the model, the same seed and
+    iterations, its points judged on the MeanSparse model."""
+    import copy
+
+    from pyautoattack.autopgd_base import APGDAttack
+
+    model, x, y = sparse_classifier
+    alphas = [float(op.alpha) for op in operators(model)]
+    ours = run_attack("transfer-base", model, x, y, eps=EPS, n_iter=10, seed=3)
+    assert [float(op.alpha) for op in operators(model)] == alphas  # the operators are back as they were
+    base = copy.deepcopy(model).eval()
+    for op in operators(base):
+        op.set_alpha(0.0)
+    for p in base.parameters():
+        p.requires_grad_(False)
+    attack = APGDAttack(
+        base, n_iter=10, norm="Linf", n_restarts=1, eps=EPS, seed=3, loss="ce", rho=0.75, device=x.device
+    )
+    with torch.random.fork_rng():
+        x_adv = attack.perturb(x, y).clamp(0, 1)
+    x_adv = torch.min(torch.max(x_adv, x - EPS), x + EPS)
+    with torch.no_grad():
+        expected = (model.eval()(x).argmax(1) == y) & (model(x_adv).argmax(1) == y)
+    assert torch.equal(ours, expected)
+    assert [float(op.alpha) for op in operators(model)] == [
+        float(op.alpha) for op in operators(model)
+    ]  # restored
+    assert all(float(op.alpha) > 0 for op in operators(model))
 
 
 def test_autoattack_agrees_with_torchattacks(classifier):

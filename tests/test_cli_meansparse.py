@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from meansparse_pl import calibrate, get_alpha, operators, sparsify
+from meansparse_pl import alphas_of, calibrate, get_alpha, operators, sparsify
 from meansparse_pl.checkpoint import load_checkpoint, save_checkpoint
 from meansparse_pl.cli import main
 from meansparse_pl.data import FashionMNISTDataModule
@@ -155,6 +155,26 @@ def test_alpha_search_successive_halving_from_the_cli(trained, tmp_path):
     # clearly ineligible after the first round and never sees the whole split
     assert result["samples_per_alpha"]["8"] < 64 == result["samples_per_alpha"]["0"]
     assert result["accuracy"]["8"]["clean"] < result["accuracy"]["0"]["clean"] - 10
+
+
+def test_per_site_alpha_search_from_the_cli_writes_per_operator_alphas_that_evaluate(trained, tmp_path):
+    checkpoint = tmp_path / "sparse.pt"
+    checkpoint.write_bytes(trained["sparse"].read_bytes())
+    args = [*DATA, *QUIET, *MODEL, f"--checkpoint={checkpoint}", "--threat.eps=0.1", "--batch_size=32"]
+    main(["alpha_search", *args, "--alphas=[0, 0.3]", "--attacks.n_iter=2", "--limit_samples=64",
+          "--schedule=PerSite", "--schedule.budget=3", f"--output_dir={tmp_path}/sites"])  # fmt: skip
+    result = json.loads((tmp_path / "sites" / "alpha_search.json").read_text())
+    count = len(operators(load_checkpoint(checkpoint)))
+    assert result["schedule"] == "per_site" and len(result["site_alphas"]) == count
+    assert sum(len(step["tried"]) for step in result["site_steps"]) <= 3  # the budget
+    assert "Per-operator alphas" in (tmp_path / "sites" / "alpha_search.md").read_text()
+    assert alphas_of(load_checkpoint(checkpoint)) == pytest.approx(result["site_alphas"])
+    # the same 64 held-out images, evaluated from the written checkpoint: the search's clean accuracy again
+    main(["evaluate", *args, "--attacks.names=[clean]", "--limit_samples=64", "--compare_base=false",
+          "--split=val", f"--output_dir={tmp_path}/eval"])  # fmt: skip
+    report = json.loads((tmp_path / "eval" / "evaluation.json").read_text())
+    (row,) = report["results"]
+    assert row["accuracy"]["clean"] == pytest.approx(result["site_accuracy"]["clean"])
 
 
 def test_alpha_search_writes_reports_and_the_chosen_alpha(trained, tmp_path):

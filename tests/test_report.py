@@ -57,7 +57,7 @@ def test_masking_and_impossible_numbers_are_flagged():
     )
     text = "\n".join(report.sanity_checks())
     assert "black-box square (45.00) beats every white-box attack" in text
-    assert "BPDA-APGD-CE is 8.00 points below APGD-CE" in text
+    assert "BPDA-APGD-CE (straight-through backward) is 8.00 points below APGD-CE" in text
     assert "robust accuracy above clean for ['apgd-ce']" in text
     assert "best-known accuracy rises with epsilon" in text
     assert "FAIL meansparse: accuracy 30.00% at eps=0.5" in text

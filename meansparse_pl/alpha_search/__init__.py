@@ -1,7 +1,8 @@
-"""Choose alpha: :class:`AlphaSearch` (the sweep, :mod:`.search`), its schedules (:mod:`.schedules`) and its
-result object (:mod:`.result`)."""
+"""Choose alpha: :class:`AlphaSearch` (the sweep, :mod:`.search`), its schedules (:mod:`.schedules`, and the
+per-site search in :mod:`.per_site`) and its result object (:mod:`.result`)."""
 
-from meansparse_pl.alpha_search.result import AlphaSearchResult, paired_gap
+from meansparse_pl.alpha_search.per_site import PerSite
+from meansparse_pl.alpha_search.result import AlphaSearchResult
 from meansparse_pl.alpha_search.schedules import ELIMINATIONS, Exhaustive, Schedule, SuccessiveHalving
 from meansparse_pl.alpha_search.search import (
     CRITERIA,
@@ -24,9 +25,9 @@ __all__ = [
     "AlphaSearchResult",
     "Criterion",
     "Exhaustive",
+    "PerSite",
     "Schedule",
     "Selection",
     "SuccessiveHalving",
     "check_alphas",
-    "paired_gap",
 ]

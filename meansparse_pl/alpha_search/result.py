@@ -7,13 +7,12 @@ alpha and attack, :meth:`~AlphaSearchResult.suggestion` (the alpha the rule pick
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
-from meansparse_pl.attacks import worst_case
+from meansparse_pl.attacks import PerSample, decode_verdicts, encode_verdicts, paired_gap, worst_case
 from meansparse_pl.errors import ConfigurationError
 from meansparse_pl.evaluation import accuracy
 from meansparse_pl.ops import set_alpha
@@ -23,40 +22,11 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 GRADIENT_MASKING_GAP = 1.0  # points by which BPDA may beat exact-gradient APGD before we flag masking
-PerSample = dict[int, bool]  # sample index -> correct
 
 
 def criterion_column(criterion: str) -> str:
     """The result column a criterion ranks by."""
     return "worst_case" if criterion == "worst_case" else "apgd-ce"
-
-
-def paired_comparison(a: PerSample, b: PerSample) -> tuple[float, int, int]:
-    """Accuracy of ``a`` minus that of ``b`` (points) on their common samples, the samples on which they
-    disagree, and the number of common samples."""
-    common = a.keys() & b.keys()
-    n = len(common)
-    gap = 100.0 * (sum(a[i] for i in common) - sum(b[i] for i in common)) / max(n, 1)
-    return gap, sum(a[i] != b[i] for i in common), n
-
-
-def paired_gap(a: PerSample, b: PerSample) -> tuple[float, float]:
-    """Accuracy of ``a`` minus that of ``b`` and the difference's standard error, in points.
-
-    Paired over the same samples: two settings that differ on ``d`` of ``n`` samples have an accuracy difference
-    with a standard error of about ``100 * sqrt(d) / n`` points (McNemar's test statistic).
-    """
-    gap, discordant, n = paired_comparison(a, b)
-    return gap, 100.0 * math.sqrt(discordant) / max(n, 1)
-
-
-def _bits(per_sample: PerSample) -> dict[str, Any]:
-    indices = sorted(per_sample)
-    return {"indices": indices, "correct": "".join("1" if per_sample[i] else "0" for i in indices)}
-
-
-def _unbits(data: dict[str, Any]) -> PerSample:
-    return {int(i): c == "1" for i, c in zip(data["indices"], data["correct"], strict=True)}
 
 
 @dataclass
@@ -83,6 +53,10 @@ class AlphaSearchResult:
     rounds: list[dict[str, Any]] = field(default_factory=list)
     selection: str = "highest"
     per_sample: dict[float, dict[str, PerSample]] = field(default_factory=dict, repr=False)
+    # per-site search (schedule PerSite): one alpha per operator, and each step of the coordinate ascent
+    site_alphas: list[float] | None = None
+    site_steps: list[dict[str, Any]] = field(default_factory=list)
+    site_accuracy: dict[str, float] = field(default_factory=dict)  # the table row of site_alphas
 
     # ------------------------------------------------------------------------------------------ facts
     def samples(self, alpha: float) -> int:
@@ -171,11 +145,12 @@ class AlphaSearchResult:
         """Criterion accuracy of ``best`` minus that of ``alpha`` and its paired standard error (points)."""
         return paired_gap(self.criterion_per_sample(best), self.criterion_per_sample(alpha))
 
-    def apply_to(self, model: nn.Module) -> float:
-        """Set the suggested alpha on every operator of ``model``; returns it."""
-        alpha = self.suggestion()
-        set_alpha(model, alpha)
-        return alpha
+    def apply_to(self, model: nn.Module) -> float | list[float]:
+        """Set the answer on ``model``: the per-site alphas of a per-site search, else the suggested alpha on every
+        operator; returns what was set."""
+        answer: float | list[float] = self.site_alphas if self.site_alphas is not None else self.suggestion()
+        set_alpha(model, answer)
+        return answer
 
     # -------------------------------------------------------------------------------------- rendering
     def table(self) -> str:
@@ -208,7 +183,31 @@ class AlphaSearchResult:
                 f"within one paired standard error ({error:.2f} points)."
             )
         notes += [f"WARNING: {flag}" for flag in self.flags]
-        return "\n".join(lines + notes)
+        return "\n".join(lines + notes + self._site_table())
+
+    def _site_table(self) -> list[str]:
+        """The per-site search: each step's sites, the alpha kept, the gain over the step before and its paired
+        standard error, and the final per-operator alphas with their row of the table."""
+        if self.site_alphas is None:
+            return []
+        lines = [
+            "",
+            f"Per-site search from alpha {self.suggestion():g} (coordinate ascent; a change is kept only when it beats "
+            "the current choice by more than one paired standard error):",
+            "",
+            "| step | sites | alphas tried | kept | gain (points) | paired SE |",
+            "|---:|---|---|---:|---:|---:|",
+        ]
+        for number, step in enumerate(self.site_steps):
+            tried = ", ".join(f"{a:g}" for a in step["tried"])
+            kept = f"{step['kept']:g}" + ("" if step["accepted"] else " (unchanged)")
+            lines.append(
+                f"| {number} | {', '.join(str(i) for i in step['sites'])} | {tried} | {kept} | "
+                f"{step['gain']:+.2f} | {step['standard_error']:.2f} |"
+            )
+        row = " | ".join(f"{c}: {v:.2f}" for c, v in self.site_accuracy.items())
+        lines += ["", f"Per-operator alphas: {', '.join(f'{a:g}' for a in self.site_alphas)} ({row})."]
+        return lines
 
     def error_bar(self, alpha: float, column: str) -> float:
         """The paired standard error (points) of a cell's difference to alpha 0 on the same samples; 0 for alpha
@@ -319,10 +318,19 @@ class AlphaSearchResult:
             "selection": self.selection,
             "highest_eligible": self.best_eligible(),
             "per_sample": {
-                f"{a:g}": {column: _bits(v) for column, v in self.per_sample[a].items()}
+                f"{a:g}": {column: encode_verdicts(v) for column, v in self.per_sample[a].items()}
                 for a in self.alphas
                 if a in self.per_sample
             },
+            **(
+                {
+                    "site_alphas": self.site_alphas,
+                    "site_steps": self.site_steps,
+                    "site_accuracy": self.site_accuracy,
+                }
+                if self.site_alphas is not None
+                else {}
+            ),
         }
 
     @classmethod
@@ -351,9 +359,14 @@ class AlphaSearchResult:
                 rounds=list(data.get("rounds", [])),
                 selection=data.get("selection", "highest"),
                 per_sample={
-                    key[k]: {column: _unbits(v) for column, v in columns.items()}
+                    key[k]: {column: decode_verdicts(v) for column, v in columns.items()}
                     for k, columns in data.get("per_sample", {}).items()
                 },
+                site_alphas=[float(a) for a in data["site_alphas"]]
+                if data.get("site_alphas") is not None
+                else None,
+                site_steps=list(data.get("site_steps", [])),
+                site_accuracy={c: float(v) for c, v in data.get("site_accuracy", {}).items()},
             )
         except (KeyError, TypeError, ValueError) as error:
             raise ConfigurationError(

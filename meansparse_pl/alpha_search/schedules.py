@@ -36,14 +36,8 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from torch.utils.data import Dataset, Subset
 
-from meansparse_pl.alpha_search.result import (
-    AlphaSearchResult,
-    PerSample,
-    criterion_column,
-    paired_comparison,
-    paired_gap,
-    row_of,
-)
+from meansparse_pl.alpha_search.result import AlphaSearchResult, criterion_column, row_of
+from meansparse_pl.attacks import PerSample, paired_comparison, paired_gap
 from meansparse_pl.config import check_choice, check_number, check_positive_int
 from meansparse_pl.errors import ConfigurationError
 from meansparse_pl.evaluation import EvaluationTask, run_tasks

@@ -20,9 +20,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from meansparse_pl.alpha_search.result import AlphaSearchResult, PerSample, flags_for, row_of
+from meansparse_pl.alpha_search.result import AlphaSearchResult, flags_for, row_of
 from meansparse_pl.alpha_search.schedules import Exhaustive, Schedule, Verdicts
-from meansparse_pl.attacks import check_attack_config, options_for, worst_case
+from meansparse_pl.attacks import PerSample, check_attack_config, options_for, worst_case
 from meansparse_pl.config import (
     AttackConfig,
     ThreatModel,
@@ -109,6 +109,10 @@ class AlphaSearch:
                 "AlphaSearch takes a ThreatModel as threat and an AttackConfig as attacks."
             )
         check_attack_config(self.attacks)
+        if self.attacks.cascade:
+            raise ConfigurationError(
+                "the alpha search ranks alphas by every column, so it runs no cascade; use cascade in evaluate."
+            )
         self.max_clean_drop = check_number("max_clean_drop", max_clean_drop, minimum=0.0, hint="in points")
         self.criterion = check_choice("criterion", criterion, CRITERIA)
         if criterion == "apgd" and "apgd-ce" not in self.attacks.names:

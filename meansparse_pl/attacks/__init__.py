@@ -4,7 +4,8 @@
   ascent every gradient attack shares;
 * :mod:`.registry`: the evaluation attacks behind :func:`run_attack` (AutoAttack components via pyautoattack in
   :mod:`.autoattack`, BPDA, the paper's adaptive attack in :mod:`.adaptive`), each returning per-sample verdicts;
-* :mod:`.verdicts`: :func:`worst_case`, the per-sample worst case ("best known") over attacks.
+* :mod:`.verdicts`: :func:`worst_case`, the per-sample worst case ("best known") over attacks, and
+  :func:`paired_gap`, the paired difference of two settings on the same samples with its standard error.
 """
 
 from __future__ import annotations
@@ -19,7 +20,14 @@ from meansparse_pl.attacks.registry import (
     run_attack,
 )
 from meansparse_pl.attacks.trades import trades_adversarial, trades_loss, trades_objective
-from meansparse_pl.attacks.verdicts import worst_case
+from meansparse_pl.attacks.verdicts import (
+    PerSample,
+    decode_verdicts,
+    encode_verdicts,
+    paired_comparison,
+    paired_gap,
+    worst_case,
+)
 
 __all__ = [
     "ATTACK_NAMES",
@@ -33,5 +41,10 @@ __all__ = [
     "trades_adversarial",
     "trades_loss",
     "trades_objective",
+    "PerSample",
+    "decode_verdicts",
+    "encode_verdicts",
+    "paired_comparison",
+    "paired_gap",
     "worst_case",
 ]

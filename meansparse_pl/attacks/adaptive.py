@@ -7,7 +7,6 @@ the clean image that lie inside the operator's band (the ones MeanSparse overwri
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable
 from typing import Any
 
@@ -17,7 +16,7 @@ from torch import Tensor, nn
 
 from meansparse_pl.attacks.common import AttackContext, judge, seed_everything
 from meansparse_pl.attacks.pgd import pgd_ascent, random_point_in_ball
-from meansparse_pl.ops import MeanSparse, backward_mode, operators
+from meansparse_pl.ops import MeanSparse, operators
 
 
 def band_mask(op: MeanSparse, z: Tensor) -> Tensor:
@@ -84,8 +83,7 @@ def adaptive(ctx: AttackContext, x: Tensor, y: Tensor) -> Tensor:
     lambda_, p, q = o["lambda_"], o["p"], o["q"]
     model = ctx.model
     correct = judge(model, x, x, y, ctx.eps, ctx.norm)
-    bpda = backward_mode(model, "straight_through") if o["straight_through"] else contextlib.nullcontext()
-    with _OperatorInputs(model) as recorder, bpda:
+    with _OperatorInputs(model) as recorder:
         with torch.no_grad():
             _, recorded = recorder.capture(lambda: model(x))
             clean = [(band_mask(op, z), z.detach()) for op, z in recorded]

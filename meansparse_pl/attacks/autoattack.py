@@ -7,7 +7,6 @@ identical, so the adversarial points found are judged with the real model.
 
 from __future__ import annotations
 
-import contextlib
 import sys
 
 import torch
@@ -19,7 +18,7 @@ from torch import Tensor, nn
 
 from meansparse_pl.attacks.common import AttackContext, BatchAttack, judge, n_target_classes, seed_everything
 from meansparse_pl.attacks.pgd import pgd_perturb
-from meansparse_pl.ops import backward_mode
+from meansparse_pl.ops import operators
 
 
 def clean(ctx: AttackContext, x: Tensor, y: Tensor) -> Tensor:
@@ -105,7 +104,7 @@ def pgd(ctx: AttackContext, x: Tensor, y: Tensor) -> Tensor:
     return correct
 
 
-def apgd(loss: str, straight_through: bool = False) -> BatchAttack:
+def apgd(loss: str) -> BatchAttack:
     def run(ctx: AttackContext, x: Tensor, y: Tensor) -> Tensor:
         o = ctx.options
         attack = make_apgd(
@@ -119,13 +118,38 @@ def apgd(loss: str, straight_through: bool = False) -> BatchAttack:
             n_restarts=o["n_restarts"],
             rho=o["rho"],
         )
-        # Only the gradient changes; the adversarial point is judged below with the real (exact) model.
-        # Without BPDA the operators keep whatever backward the caller gave them.
-        with backward_mode(ctx.model, "straight_through") if straight_through else contextlib.nullcontext():
-            x_adv = attack.perturb(x, y)
-        return judge(ctx.model, x, x_adv, y, ctx.eps, ctx.norm)
+        # the operators' backward (exact, straight-through, surrogate) is the registry's switch; the adversarial
+        # point is judged with the real model, whose forward no backward mode changes
+        return judge(ctx.model, x, attack.perturb(x, y), y, ctx.eps, ctx.norm)
 
     return run
+
+
+def transfer_base(ctx: AttackContext, x: Tensor, y: Tensor) -> Tensor:
+    """APGD-CE against the base model (every operator's alpha 0: the identity), judged on the MeanSparse model:
+    the base is a near-perfect surrogate of the defended model, its gradients are not masked, and it costs
+    nothing to obtain."""
+    ops = operators(ctx.model)
+    alphas = [float(op.alpha) for op in ops]
+    for op in ops:
+        op.set_alpha(0.0)
+    try:
+        attack = make_apgd(
+            ctx.model,
+            loss="ce",
+            eps=ctx.eps,
+            norm=ctx.norm,
+            seed=ctx.seed,
+            device=ctx.device,
+            n_iter=ctx.options["n_iter"],
+            n_restarts=ctx.options["n_restarts"],
+            rho=ctx.options["rho"],
+        )
+        x_adv = attack.perturb(x, y)
+    finally:
+        for op, alpha in zip(ops, alphas, strict=True):
+            op.set_alpha(alpha)
+    return judge(ctx.model, x, x_adv, y, ctx.eps, ctx.norm)
 
 
 def apgd_ce_dlr(ctx: AttackContext, x: Tensor, y: Tensor) -> Tensor:

@@ -9,6 +9,7 @@ common rules in :mod:`.common`.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Any
 
@@ -29,12 +30,16 @@ from meansparse_pl.attacks.common import (
 from meansparse_pl.attacks.pgd import check_box
 from meansparse_pl.config import AttackConfig, ThreatModel, check_number, check_positive_int
 from meansparse_pl.errors import ConfigurationError
-from meansparse_pl.ops import operators
+from meansparse_pl.ops import backward_mode, operators
+from meansparse_pl.ops.functions import DEFAULT_TEMPERATURE, check_backward_mode
 
 _LOG = logging.getLogger(__name__)
 
-_APGD_DEFAULTS = {"n_iter": 100, "n_restarts": 1, "rho": 0.75}
-_PGD_DEFAULTS = {"steps": 50, "step_size": None, "n_restarts": 1, "random_start": True}
+# Every gradient attack takes `backward` (the operators' backward while it runs: exact, straight_through or
+# surrogate; None keeps the model's) and the surrogate's `temperature`: one switch, not one attack per mode.
+_BACKWARD = {"backward": None, "temperature": DEFAULT_TEMPERATURE}
+_APGD_DEFAULTS = {"n_iter": 100, "n_restarts": 1, "rho": 0.75, **_BACKWARD}
+_PGD_DEFAULTS = {"steps": 50, "step_size": None, "n_restarts": 1, "random_start": True, **_BACKWARD}
 
 _REGISTRY: dict[str, AttackSpec] = {
     "clean": AttackSpec(aa.clean),
@@ -43,19 +48,28 @@ _REGISTRY: dict[str, AttackSpec] = {
     "apgd-dlr": AttackSpec(aa.apgd("dlr"), dict(_APGD_DEFAULTS), min_classes=3),
     "apgd-ce+dlr": AttackSpec(aa.apgd_ce_dlr, dict(_APGD_DEFAULTS), min_classes=3),
     "apgd-t": AttackSpec(aa.apgd_t, {**_APGD_DEFAULTS, "n_target_classes": 9}, min_classes=4),
-    "fab-t": AttackSpec(aa.fab_t, {"n_iter": 100, "n_restarts": 1, "n_target_classes": 9}),
+    "fab-t": AttackSpec(aa.fab_t, {"n_iter": 100, "n_restarts": 1, "n_target_classes": 9, **_BACKWARD}),
     "square": AttackSpec(aa.square, {"n_queries": 5000, "n_restarts": 1, "p_init": 0.8}, needs_images=True),
     "autoattack": AttackSpec(
         aa.autoattack,
-        {"n_iter": 100, "n_queries": 5000, "n_target_classes": 9},
+        {"n_iter": 100, "n_queries": 5000, "n_target_classes": 9, **_BACKWARD},
         min_classes=4,
         needs_images=True,
         whole_set=True,
     ),
-    "bpda-apgd-ce": AttackSpec(aa.apgd("ce", straight_through=True), dict(_APGD_DEFAULTS)),
-    "adaptive": AttackSpec(
-        adaptive, {**_PGD_DEFAULTS, "p": 1.0, "q": 1.0, "lambda_": 1.0, "straight_through": False}
-    ),
+    # APGD-CE through the straight-through backward (BPDA) and through the smooth surrogate: presets of the switch
+    "bpda-apgd-ce": AttackSpec(aa.apgd("ce"), {**_APGD_DEFAULTS, "backward": "straight_through"}),
+    "surrogate-apgd-ce": AttackSpec(aa.apgd("ce"), {**_APGD_DEFAULTS, "backward": "surrogate"}),
+    # APGD-CE on the base model (every alpha 0), judged on the MeanSparse model: a transfer attack
+    "transfer-base": AttackSpec(aa.transfer_base, {"n_iter": 100, "n_restarts": 1, "rho": 0.75}),
+    "adaptive": AttackSpec(adaptive, {**_PGD_DEFAULTS, "p": 1.0, "q": 1.0, "lambda_": 1.0}),
+}
+# the attacks that reduce to another one on a model without operators
+_REDUCES_WITHOUT_OPERATORS = {
+    "bpda-apgd-ce": "apgd-ce",
+    "surrogate-apgd-ce": "apgd-ce",
+    "transfer-base": "apgd-ce",
+    "adaptive": "pgd",
 }
 
 ATTACK_NAMES: tuple[str, ...] = tuple(_REGISTRY)
@@ -100,6 +114,12 @@ def _resolve_options(name: str, spec: AttackSpec, options: dict[str, Any]) -> di
         )
     if "lambda_" in resolved:
         check_number(where + "lambda_", resolved["lambda_"], minimum=0.0)
+    if resolved.get("backward") is not None:
+        check_backward_mode(resolved["backward"])
+    if "temperature" in resolved:
+        check_number(
+            where + "temperature", resolved["temperature"], minimum=0.0, strict=True, hint="e.g. 0.1"
+        )
     return resolved
 
 
@@ -117,10 +137,16 @@ def check_attack_config(config: AttackConfig, composites: dict[str, tuple[str, .
 
     ``composites`` maps report columns that are computed from other attacks (e.g. ``apgd-ce+dlr``) to them;
     their options are checked on each part."""
-    for name in config.names:
+    for name in [*config.names, *config.cascade]:
         for part in (composites or {}).get(name, (name,)):
             _resolve_options(part, _spec(part), options_for(config, part))
-    running = {part for name in config.names for part in (composites or {}).get(name, (name,))}
+    if any(name in (composites or {}) for name in config.cascade):
+        raise ConfigurationError(
+            "a cascade runs single attacks; list the parts of a combined column instead."
+        )
+    running = {
+        part for name in [*config.names, *config.cascade] for part in (composites or {}).get(name, (name,))
+    }
     stray = sorted(set(config.options) - running)
     if stray:
         raise ConfigurationError(
@@ -172,9 +198,9 @@ def run_attack(
         )
     if spec.needs_images:
         require_image_batch(name, x, norm)
-    if name in ("bpda-apgd-ce", "adaptive") and not operators(model):
+    if name in _REDUCES_WITHOUT_OPERATORS and not operators(model):
         _LOG.warning("%s: the model has no MeanSparse operators, so it reduces to %s.", name,
-                     "apgd-ce" if name == "bpda-apgd-ce" else "pgd")  # fmt: skip
+                     _REDUCES_WITHOUT_OPERATORS[name])  # fmt: skip
     device = model_device(model, x)
     if x.shape[0] == 0:
         return torch.zeros(0, dtype=torch.bool, device=x.device)
@@ -187,19 +213,28 @@ def run_attack(
         with torch.no_grad():
             n_classes = int(model(x[:1].to(device)).shape[-1])
         require_classes(name, n_classes, spec.min_classes)
-        if spec.whole_set:
-            ctx = AttackContext(model, eps, norm, seed, device, n_classes, {**opts, "batch_size": batch_size})
-            return spec.run(ctx, x, y).to(result.device)
-        ctx = AttackContext(model, eps, norm, seed, device, n_classes, opts)
-        starts = range(0, x.shape[0], batch_size)
-        for start in tqdm(
-            starts,
-            desc=name,
-            unit="batch",
-            disable=(not progress) if progress is not None else None,
-            leave=False,
-        ):
-            xb = x[start : start + batch_size].to(device)
-            yb = y[start : start + batch_size].to(device)
-            result[start : start + batch_size] = spec.run(ctx, xb, yb).to(result.device)
+        mode = opts.get("backward")
+        switch = (
+            backward_mode(model, mode, opts["temperature"])
+            if mode is not None and operators(model)
+            else contextlib.nullcontext()
+        )
+        with switch:
+            if spec.whole_set:
+                ctx = AttackContext(
+                    model, eps, norm, seed, device, n_classes, {**opts, "batch_size": batch_size}
+                )
+                return spec.run(ctx, x, y).to(result.device)
+            ctx = AttackContext(model, eps, norm, seed, device, n_classes, opts)
+            starts = range(0, x.shape[0], batch_size)
+            for start in tqdm(
+                starts,
+                desc=name,
+                unit="batch",
+                disable=(not progress) if progress is not None else None,
+                leave=False,
+            ):
+                xb = x[start : start + batch_size].to(device)
+                yb = y[start : start + batch_size].to(device)
+                result[start : start + batch_size] = spec.run(ctx, xb, yb).to(result.device)
     return result

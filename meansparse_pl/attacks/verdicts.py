@@ -1,4 +1,5 @@
-"""The per-sample worst case over attacks ("best known" robust accuracy): the one place its rule lives.
+"""The per-sample worst case over attacks ("best known" robust accuracy), and the paired comparison of two
+settings on the same samples: the one place their rules live.
 
 A sample counts as robust only if every attack failed on it: a logical AND of the attacks' per-sample
 verdicts. The verdicts are either bool tensors (one attack run on ``x, y``) or ``{sample index: correct}``
@@ -7,8 +8,9 @@ dictionaries (results keyed by the sample's index in a data set, as the sharded 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor
@@ -16,6 +18,7 @@ from torch import Tensor
 from meansparse_pl.errors import ConfigurationError
 
 Verdicts = TypeVar("Verdicts", Tensor, dict[int, bool])
+PerSample = dict[int, bool]  # sample index -> correct
 
 
 def worst_case(results: Mapping[str, Verdicts] | Iterable[Verdicts]) -> Verdicts:
@@ -44,3 +47,33 @@ def worst_case(results: Mapping[str, Verdicts] | Iterable[Verdicts]) -> Verdicts
         raise ConfigurationError("the worst case over attacks needs every attack run on the same samples.")
     merged = worst_case([torch.tensor([item[i] for i in indices], dtype=torch.bool) for item in items])
     return dict(zip(indices, merged.tolist(), strict=True))
+
+
+def paired_comparison(a: PerSample, b: PerSample) -> tuple[float, int, int]:
+    """Accuracy of ``a`` minus that of ``b`` (points) on their common samples, the samples on which they
+    disagree, and the number of common samples."""
+    common = a.keys() & b.keys()
+    n = len(common)
+    gap = 100.0 * (sum(a[i] for i in common) - sum(b[i] for i in common)) / max(n, 1)
+    return gap, sum(a[i] != b[i] for i in common), n
+
+
+def paired_gap(a: PerSample, b: PerSample) -> tuple[float, float]:
+    """Accuracy of ``a`` minus that of ``b`` and the difference's standard error, in points.
+
+    Paired over the same samples: two settings that differ on ``d`` of ``n`` samples have an accuracy difference
+    with a standard error of about ``100 * sqrt(d) / n`` points (McNemar's test statistic).
+    """
+    gap, discordant, n = paired_comparison(a, b)
+    return gap, 100.0 * math.sqrt(discordant) / max(n, 1)
+
+
+def encode_verdicts(per_sample: PerSample) -> dict[str, Any]:
+    """A compact JSON form of per-sample verdicts: the sorted indices and one "1"/"0" character per sample."""
+    indices = sorted(per_sample)
+    return {"indices": indices, "correct": "".join("1" if per_sample[i] else "0" for i in indices)}
+
+
+def decode_verdicts(data: dict[str, Any]) -> PerSample:
+    """The verdicts :func:`encode_verdicts` wrote."""
+    return {int(i): c == "1" for i, c in zip(data["indices"], data["correct"], strict=True)}

@@ -3,7 +3,7 @@ Functions of the backward modes (:mod:`.functions`), the fused CPU kernels (:mod
 (:mod:`.meansparse`) and the whole-model helpers (:mod:`.model`)."""
 
 from meansparse_pl.ops.band import inside_band
-from meansparse_pl.ops.functions import BACKWARD_MODES, BackwardMode
+from meansparse_pl.ops.functions import BACKWARD_MODES, BackwardMode, check_backward_mode
 from meansparse_pl.ops.kernels import (
     FusedActivation,
     fusable_activation,
@@ -30,6 +30,7 @@ __all__ = [
     "MeanSparse",
     "alphas_of",
     "backward_mode",
+    "check_backward_mode",
     "fusable_activation",
     "fused_kernels",
     "fused_kernels_enabled",

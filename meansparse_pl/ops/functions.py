@@ -1,9 +1,10 @@
 """The operator's autograd Functions: one per backward mode, eager and fused.
 
-Two backward modes exist because the operator masks gradients: ``exact`` (the true gradient, zero inside the
-band) is what the model really computes; ``straight_through`` (identity backward, BPDA) is what an adaptive
+Several backward modes exist because the operator masks gradients: ``exact`` (the true gradient, zero inside the
+band) is what the model really computes; ``straight_through`` (identity backward, BPDA) and ``surrogate`` (the
+band's indicator replaced by a sigmoid of ``(|x - mu| - alpha*sigma) / (tau*sigma)``) are what an adaptive
 attacker uses, and what every honest robustness number must also be measured with. The forward is the same
-in both modes.
+in every mode.
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ from meansparse_pl.config import check_choice
 from meansparse_pl.ops import kernels
 from meansparse_pl.ops.band import Band, band_select, inside_band
 
-BackwardMode = Literal["exact", "straight_through"]
-BACKWARD_MODES: tuple[str, ...] = ("exact", "straight_through")
+BackwardMode = Literal["exact", "straight_through", "surrogate"]
+BACKWARD_MODES: tuple[str, ...] = ("exact", "straight_through", "surrogate")
+DEFAULT_TEMPERATURE = 0.1  # the surrogate's width in channel standard deviations
 
 
 def check_backward_mode(mode: str) -> str:
@@ -53,6 +55,26 @@ class StraightThroughSparsify(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
         return grad_output, None, None
+
+
+class SurrogateSparsify(torch.autograd.Function):
+    """Same forward; the backward of the smooth relaxation (see the module docstring), computed in the comparison
+    dtype from the saved input; ``width`` is ``tau * sigma`` per channel, shaped like ``threshold``."""
+
+    @staticmethod
+    def forward(
+        ctx, x: torch.Tensor, centre: torch.Tensor, threshold: torch.Tensor, width: torch.Tensor
+    ) -> torch.Tensor:
+        ctx.save_for_backward(x, centre, threshold, width)
+        return band_select(x, centre, threshold, centre.to(x.dtype))
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        x, centre, threshold, width = ctx.saved_tensors
+        distance = (x.to(centre.dtype) - centre).abs()
+        outside = torch.sigmoid((distance - threshold) / width)
+        slope = outside + distance * outside * (1.0 - outside) / width
+        return (grad_output * slope).to(grad_output.dtype), None, None, None
 
 
 SPARSIFY_BY_MODE = {"exact": ExactSparsify, "straight_through": StraightThroughSparsify}

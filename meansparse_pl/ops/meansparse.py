@@ -15,11 +15,18 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from meansparse_pl.config import CENTRES, Centre, check_alpha, check_choice
+from meansparse_pl.config import CENTRES, Centre, check_alpha, check_choice, check_number
 from meansparse_pl.errors import ConfigurationError, StatisticsError, UncalibratedOperatorError
 from meansparse_pl.ops import kernels
 from meansparse_pl.ops.band import Band, inside_band
-from meansparse_pl.ops.functions import FUSED_BY_MODE, SPARSIFY_BY_MODE, BackwardMode, check_backward_mode
+from meansparse_pl.ops.functions import (
+    DEFAULT_TEMPERATURE,
+    FUSED_BY_MODE,
+    SPARSIFY_BY_MODE,
+    BackwardMode,
+    SurrogateSparsify,
+    check_backward_mode,
+)
 from meansparse_pl.ops.kernels import FusedActivation
 
 
@@ -44,7 +51,8 @@ class MeanSparse(nn.Module):
             identity (after calibration).
         centre: reference the band is centred on (paper A.7): the channel mean (default), zero, or the mean
             over all channels.
-        backward_mode: ``exact`` or ``straight_through``; see the module docstring.
+        backward_mode: ``exact``, ``straight_through`` or ``surrogate`` (:mod:`meansparse_pl.ops.functions`).
+        temperature: the surrogate backward's width in channel standard deviations.
         activation: the activation this operator stands in front of, when placement has fused the two (see
             :class:`FusedActivation`): the operator then returns ``activation(sparsified x)`` and the model no
             longer calls the activation itself. Inference runs both in one pass; it holds no state, so the
@@ -62,6 +70,7 @@ class MeanSparse(nn.Module):
         centre: Centre = "channel_mean",
         backward_mode: BackwardMode = "exact",
         activation: FusedActivation | None = None,
+        temperature: float = DEFAULT_TEMPERATURE,
     ) -> None:
         super().__init__()
         if num_channels < 1:
@@ -72,6 +81,7 @@ class MeanSparse(nn.Module):
         self.channel_dim = int(channel_dim)
         self.centre = centre
         self.backward_mode: BackwardMode = backward_mode
+        self.temperature = check_number("temperature", temperature, minimum=0.0, strict=True)
         self.activation = activation
         self.site_name = ""  # set by placement, used in error messages
         self.register_buffer("mean", torch.zeros(num_channels))
@@ -250,20 +260,31 @@ class MeanSparse(nn.Module):
             return activate(x)
         band = self.band(x)
         if kernels.tracing():  # torch.compile / jit see the plain formula inside an autograd.Function
-            return activate(SPARSIFY_BY_MODE[self.backward_mode].apply(x, band.centre, band.threshold))
+            return activate(self._with_gradient(x, band))
         fused = kernels.fused_applicable(x) and kernels.canonical(x, self.channel_dim) is not None
         if not (x.requires_grad and torch.is_grad_enabled()):  # inference: no autograd Function needed
             out = kernels.fused_forward(x, band, self.channel_dim, activation) if fused else None
             return activate(kernels.eager_forward(x, band)) if out is None else out
         # With gradients the activation stays a separate autograd op: its backward is then autograd's own in
         # both backward modes (the attack path already costs little next to the backward pass).
-        if fused:
+        if fused and self.backward_mode in FUSED_BY_MODE:
             return activate(FUSED_BY_MODE[self.backward_mode].apply(x, band, self.channel_dim))
-        return activate(SPARSIFY_BY_MODE[self.backward_mode].apply(x, band.centre, band.threshold))
+        return activate(self._with_gradient(x, band))
+
+    def _with_gradient(self, x: torch.Tensor, band: Band) -> torch.Tensor:
+        """The eager autograd Function of the backward mode."""
+        if self.backward_mode == "surrogate":
+            # tau * sigma = tau * threshold / alpha (alpha > 0 here); a channel of zero variance has an empty band,
+            # where the relaxation is the identity: a tiny width keeps it finite
+            width = (band.threshold * (self.temperature / self._alpha_value)).clamp_min(1e-12)
+            return SurrogateSparsify.apply(x, band.centre, band.threshold, width)
+        return SPARSIFY_BY_MODE[self.backward_mode].apply(x, band.centre, band.threshold)
 
     def extra_repr(self) -> str:
         return (
             f"channels={self.num_channels}, channel_dim={self.channel_dim}, alpha={float(self.alpha):g}, "
-            f"centre={self.centre}, backward={self.backward_mode}, calibrated={self.is_calibrated}"
+            f"centre={self.centre}, backward={self.backward_mode}"
+            + (f"(temperature={self.temperature:g})" if self.backward_mode == "surrogate" else "")
+            + f", calibrated={self.is_calibrated}"
             + (f", then {self.activation.name}" if self.activation is not None else "")
         )

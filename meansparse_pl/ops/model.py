@@ -7,7 +7,7 @@ from collections.abc import Iterator, Sequence
 
 from torch import nn
 
-from meansparse_pl.config import check_alpha
+from meansparse_pl.config import check_alpha, check_number
 from meansparse_pl.errors import ConfigurationError, PlacementError
 from meansparse_pl.ops.functions import BackwardMode, check_backward_mode
 from meansparse_pl.ops.meansparse import MeanSparse
@@ -59,19 +59,29 @@ def get_alpha(model: nn.Module) -> float:
     return values.pop()
 
 
-def set_backward_mode(model: nn.Module, mode: BackwardMode) -> None:
+def set_backward_mode(model: nn.Module, mode: BackwardMode, temperature: float | None = None) -> None:
+    """Every operator's backward: ``exact``, ``straight_through`` or ``surrogate`` (with ``temperature``, the
+    relaxation's width in channel standard deviations; None keeps each operator's)."""
     check_backward_mode(mode)
+    if temperature is not None:
+        temperature = check_number("temperature", temperature, minimum=0.0, strict=True)
     for op in operators(model):
         op.backward_mode = mode
+        if temperature is not None:
+            op.temperature = temperature
 
 
 @contextlib.contextmanager
-def backward_mode(model: nn.Module, mode: BackwardMode) -> Iterator[nn.Module]:
-    """Temporarily switch every operator's backward, e.g. ``with backward_mode(m, "straight_through"):``."""
-    previous = [(op, op.backward_mode) for op in operators(model)]
-    set_backward_mode(model, mode)
+def backward_mode(
+    model: nn.Module, mode: BackwardMode, temperature: float | None = None
+) -> Iterator[nn.Module]:
+    """Temporarily switch every operator's backward, e.g. ``with backward_mode(m, "straight_through"):`` or
+    ``with backward_mode(m, "surrogate", temperature=0.1):``."""
+    previous = [(op, op.backward_mode, op.temperature) for op in operators(model)]
+    set_backward_mode(model, mode, temperature)
     try:
         yield model
     finally:
-        for op, old in previous:
+        for op, old, width in previous:
             op.backward_mode = old
+            op.temperature = width
