@@ -720,6 +720,7 @@ def test_per_site_search_keeps_the_site_that_helps_and_leaves_the_one_that_hurts
     assert result.site_accuracy["worst_case"] == pytest.approx(100 * sum(v < 0.6 for v in u) / 400)
     assert len(fake.calls) == 1 + 2  # the global search, then one trial per site
     assert "Per-operator alphas: 0.5, 0" in result.table()
+    assert "Successive halving" not in result.table()  # the global phase is the exhaustive search
     again = AlphaSearchResult.from_json(json.loads(json.dumps(result.to_json())))
     assert again.site_alphas == [0.5, 0.0] and again.site_steps == result.site_steps
     assert PerSite(budget=1).budget == 1

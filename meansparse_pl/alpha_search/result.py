@@ -155,7 +155,7 @@ class AlphaSearchResult:
     # -------------------------------------------------------------------------------------- rendering
     def table(self) -> str:
         chosen = self.suggestion()
-        partial = self.schedule != "exhaustive"
+        partial = self.schedule == "successive_halving"  # per_site runs the exhaustive search first
         extra = ["samples"] if partial else []
         header = "| alpha | " + " | ".join(self.columns + extra) + " |"
         lines = [header, "|" + "---:|" * (len(self.columns) + len(extra) + 1)]
@@ -339,7 +339,7 @@ class AlphaSearchResult:
         try:
             alphas = [float(a) for a in data["alphas"]]
             key = {f"{a:g}": a for a in alphas}
-            partial = data.get("schedule", "exhaustive") != "exhaustive"
+            partial = data.get("schedule", "exhaustive") == "successive_halving"
             return cls(
                 alphas=alphas,
                 attacks=list(data["attacks"]),
