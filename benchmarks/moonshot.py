@@ -87,7 +87,10 @@ def pipeline(arch: str, folder: Path, samples: int) -> dict:
             f"--output_dir={folder}/per_site", f"--trainer.default_root_dir={folder}/per_site")  # fmt: skip
     tune = ["fit", "--config", "configs/fashion_mnist_finetune.yaml", net, f"--model.init_checkpoint={base}/meansparse.pt",
             "--trainer.enable_progress_bar=false"]  # fmt: skip
-    for name, extra in (("finetune", []), ("control", ["--config", "configs/fashion_mnist_finetune_control.yaml"])):
+    for name, extra in (
+        ("finetune", []),
+        ("control", ["--config", "configs/fashion_mnist_finetune_control.yaml"]),
+    ):
         if not (folder / name / "meansparse.pt").exists():
             cli(*tune[:3], *extra, *tune[3:], f"--trainer.default_root_dir={folder}/{name}")
         if not (folder / f"{name}_alpha_search" / "alpha_search.json").exists():
@@ -182,7 +185,9 @@ def cascade_against_independent(checkpoint: Path, samples: int, folder: Path) ->
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--out", default="runs/moonshot")
     parser.add_argument("--archs", nargs="+", default=list(ARCHS), choices=list(ARCHS))
     parser.add_argument("--samples", type=int, default=2000, help="test images of the comparison")
@@ -192,18 +197,29 @@ def main() -> None:
     args = parser.parse_args()
     out = (ROOT / args.out).resolve()
     print(describe_machine(), flush=True)
-    summary: dict = {"machine": describe_machine(), "samples": args.samples, "threat": "Linf eps 0.1", "archs": {}}
+    summary: dict = {
+        "machine": describe_machine(),
+        "samples": args.samples,
+        "threat": "Linf eps 0.1",
+        "archs": {},
+    }
     for arch in args.archs:
         summary["archs"][arch] = pipeline(arch, out / arch, args.samples)
     relu = out / args.archs[0]
-    summary["contributions"] = attack_contributions(relu / "base" / "meansparse.pt", args.alphas, args.alpha_samples, relu)
-    summary["cascade"] = cascade_against_independent(relu / "base" / "meansparse.pt", args.cascade_samples, relu)
+    summary["contributions"] = attack_contributions(
+        relu / "base" / "meansparse.pt", args.alphas, args.alpha_samples, relu
+    )
+    summary["cascade"] = cascade_against_independent(
+        relu / "base" / "meansparse.pt", args.cascade_samples, relu
+    )
     (out / "moonshot.json").write_text(json.dumps(summary, indent=2))
     for arch, data in summary["archs"].items():
         print(f"\n## {arch}\n")
         print(ModelComparison.from_json(data).table())
     print("\n## What surrogate-APGD-CE and transfer-base add to AutoAttack + BPDA-APGD-CE (points)\n")
-    print("| alpha | clean | AA + BPDA | + surrogate | + transfer | best known |\n|---|---:|---:|---:|---:|---:|")
+    print(
+        "| alpha | clean | AA + BPDA | + surrogate | + transfer | best known |\n|---|---:|---:|---:|---:|---:|"
+    )
     for label, row in summary["contributions"].items():
         print(f"| {label} | {row['clean']:.2f} | {row['autoattack + bpda']:.2f} | -{row['surrogate adds']:.2f} | "
               f"-{row['transfer adds']:.2f} | {row['best known']:.2f} |")  # fmt: skip
