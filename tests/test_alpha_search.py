@@ -766,7 +766,7 @@ def test_per_site_search_does_not_keep_a_gain_within_its_paired_standard_error(m
     assert step["tried"] == [0.5] and not step["accepted"] and result.site_alphas == [0.0]
 
 
-def test_a_per_site_result_saves_loads_and_evaluates(tmp_path):
+def test_a_per_site_result_resumes_saves_loads_and_evaluates(tmp_path):
     from meansparse_pl import alphas_of, load_checkpoint, save_checkpoint
     from meansparse_pl.alpha_search import PerSite
     from meansparse_pl.evaluation import EvaluationTask, run_tasks
@@ -784,6 +784,18 @@ def test_a_per_site_result_saves_loads_and_evaluates(tmp_path):
         alphas=[0, 0.4], n_iter=2, batch_size=16, max_clean_drop=100, schedule=PerSite(budget=2)
     ).run(sparse, data, state_path=tmp_path / "state")
     assert result.site_alphas is not None and len(result.site_alphas) == 2 and len(result.site_steps) == 2
+    # resumable: every evaluation of the finished search is in its state file, so a rerun attacks nothing
+    from meansparse_pl import evaluation
+
+    def no_attack(*args, **kwargs):
+        raise AssertionError("a finished evaluation was attacked again")
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(evaluation, "run_attack", no_attack)
+        again = _search(
+            alphas=[0, 0.4], n_iter=2, batch_size=16, max_clean_drop=100, schedule=PerSite(budget=2)
+        ).run(sparse, data, state_path=tmp_path / "state")
+    assert again.site_alphas == result.site_alphas and again.site_steps == result.site_steps
     result.apply_to(sparse)
     assert alphas_of(sparse) == result.site_alphas
     save_checkpoint(sparse, tmp_path / "sites.pt")
