@@ -194,28 +194,38 @@ def main() -> None:
     parser.add_argument("--alpha-samples", type=int, default=500, help="test images of step 7")
     parser.add_argument("--alphas", type=float, nargs="+", default=[0.15, 0.25, 0.35, 0.5])
     parser.add_argument("--cascade-samples", type=int, default=500, help="test images of step 8")
+    parser.add_argument("--studies-on", default="relu", choices=list(ARCHS), help="architecture of steps 7-8")
+    parser.add_argument(
+        "--no-studies", action="store_true", help="skip steps 7-8 (e.g. a second process runs them)"
+    )
     args = parser.parse_args()
     out = (ROOT / args.out).resolve()
     print(describe_machine(), flush=True)
-    summary: dict = {
-        "machine": describe_machine(),
-        "samples": args.samples,
-        "threat": "Linf eps 0.1",
-        "archs": {},
-    }
+    # Merged into an earlier summary, so that architectures and studies may run in separate processes.
+    summary_path = out / "moonshot.json"
+    summary: dict = json.loads(summary_path.read_text()) if summary_path.exists() else {"archs": {}}
+    summary.update(machine=describe_machine(), threat="Linf eps 0.1")
     for arch in args.archs:
         summary["archs"][arch] = pipeline(arch, out / arch, args.samples)
-    relu = out / args.archs[0]
-    summary["contributions"] = attack_contributions(
-        relu / "base" / "meansparse.pt", args.alphas, args.alpha_samples, relu
-    )
-    summary["cascade"] = cascade_against_independent(
-        relu / "base" / "meansparse.pt", args.cascade_samples, relu
-    )
-    (out / "moonshot.json").write_text(json.dumps(summary, indent=2))
+    if not args.no_studies:
+        studied = out / args.studies_on
+        summary["contributions"] = attack_contributions(
+            studied / "base" / "meansparse.pt", args.alphas, args.alpha_samples, studied
+        )
+        summary["cascade"] = cascade_against_independent(
+            studied / "base" / "meansparse.pt", args.cascade_samples, studied
+        )
+    if summary_path.exists():  # the other process may have added its part meanwhile
+        earlier = json.loads(summary_path.read_text())
+        summary["archs"] = {**earlier.get("archs", {}), **summary["archs"]}
+        summary = {**earlier, **summary}
+    summary_path.write_text(json.dumps(summary, indent=2))
     for arch, data in summary["archs"].items():
         print(f"\n## {arch}\n")
         print(ModelComparison.from_json(data).table())
+    if "contributions" not in summary:
+        print(f"\nwrote {summary_path}")
+        return
     print("\n## What surrogate-APGD-CE and transfer-base add to AutoAttack + BPDA-APGD-CE (points)\n")
     print(
         "| alpha | clean | AA + BPDA | + surrogate | + transfer | best known |\n|---|---:|---:|---:|---:|---:|"
@@ -227,7 +237,7 @@ def main() -> None:
     print(f"\n## Cascade vs independent ({c['samples']} samples)\n\n{c['cascade_seconds']} s vs "
           f"{c['independent_seconds']} s: ratio {c['time_ratio']}; best known {c['best_known_cascade']:.2f} vs "
           f"{c['best_known_independent']:.2f}; per-sample verdicts agree on {c['verdicts_agree']} of {c['samples']}")  # fmt: skip
-    print(f"\nwrote {out}/moonshot.json")
+    print(f"\nwrote {summary_path}")
 
 
 if __name__ == "__main__":

@@ -243,7 +243,8 @@ class ModelComparison:
             f"{self.accuracy(self.control, 'best_known'):.1f}%",
             fontsize=9,
         )
-        ax.legend(fontsize=8, loc="best")
+        # below the axes: inside, it hides an error bar whichever corner it takes
+        ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=3, frameon=False)
         ax.grid(axis="x", alpha=0.3)
         if hasattr(figure, "tight_layout"):
             figure.tight_layout()
