@@ -36,7 +36,7 @@ from meansparse_pl.config import ThreatModel
 from meansparse_pl.errors import CheckpointError, ConfigurationError, Interrupted
 from meansparse_pl.io import atomic_torch_save, state_digest
 from meansparse_pl.modes import eval_mode
-from meansparse_pl.ops import MeanSparse, alphas_of, operators, set_alpha
+from meansparse_pl.ops import MeanSparse, alphas_of, operators, set_alpha, temporary_alpha
 
 
 class IndexedDataset(Dataset):
@@ -307,7 +307,6 @@ def run_tasks(
         raise ConfigurationError("evaluation needs gradients: build the Trainer with inference_mode=False.")
     if len(dataset) == 0:  # type: ignore[arg-type]
         raise ConfigurationError("the evaluation data set is empty.")
-    previous_alpha = [(op, float(op.alpha)) for op in operators(model)]
     fingerprint = fingerprint_of(model, tasks, dataset, seed)
     ResumeState(
         state_path, fingerprint, trainer.global_rank
@@ -320,15 +319,11 @@ def run_tasks(
         state_path=state_path,
         fingerprint=fingerprint,
     )
-    try:
-        with eval_mode(model):
-            trainer.predict(
-                module, dataloaders=indexed_loader(dataset, batch_size, num_workers), return_predictions=False
-            )
+    with temporary_alpha(model), eval_mode(model):
+        trainer.predict(
+            module, dataloaders=indexed_loader(dataset, batch_size, num_workers), return_predictions=False
+        )
         results = module.gathered()
-    finally:
-        for op, alpha in previous_alpha:
-            op.set_alpha(alpha)
     expected = len(dataset)  # type: ignore[arg-type]
     for key, per_sample in results.items():
         if len(per_sample) != expected:

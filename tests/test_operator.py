@@ -17,7 +17,7 @@ from meansparse_pl.errors import (
     StatisticsError,
     UncalibratedOperatorError,
 )
-from meansparse_pl.ops import MeanSparse, operators, set_backward_mode
+from meansparse_pl.ops import MeanSparse, operators, set_backward_mode, temporary_alpha
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -217,6 +217,22 @@ def test_backward_mode_context_manager_restores_on_exception():
         assert all(op.backward_mode == "straight_through" for op in operators(model))
         raise RuntimeError("boom")
     assert [op.backward_mode for op in operators(model)] == ["exact", "exact"]
+
+
+def test_temporary_alpha_sets_every_operator_and_restores_each_own_value_even_on_exception():
+    model = _model_with_operators(["exact", "exact", "exact"])
+    set_alpha(model, [0.1, 0.2, 0.3])
+    x = MEANS.view(1, -1) + 0.01 * torch.randn(30, 5)  # inside every band at alpha >= 0.1
+    with temporary_alpha(model, 0.0):
+        assert [float(op.alpha) for op in operators(model)] == [0.0] * 3
+        assert torch.equal(model(x), x)  # alpha 0: every operator is the identity
+    assert [float(op.alpha) for op in operators(model)] == pytest.approx([0.1, 0.2, 0.3])
+    with pytest.raises(RuntimeError, match="boom"), temporary_alpha(model):
+        set_alpha(model, 0.5)
+        raise RuntimeError("boom")
+    assert [float(op.alpha) for op in operators(model)] == pytest.approx([0.1, 0.2, 0.3])
+    with temporary_alpha(nn.Linear(2, 2), 0.0):  # no operators: nothing to set or restore
+        pass
 
 
 def test_invalid_backward_mode_is_rejected():

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from meansparse_pl.attacks.common import AttackContext, BatchAttack, judge, n_target_classes, seed_everything
 from meansparse_pl.attacks.pgd import pgd_perturb
-from meansparse_pl.ops import operators
+from meansparse_pl.ops import temporary_alpha
 
 
 def clean(ctx: AttackContext, x: Tensor, y: Tensor) -> Tensor:
@@ -104,23 +104,28 @@ def pgd(ctx: AttackContext, x: Tensor, y: Tensor) -> Tensor:
     return correct
 
 
+def apgd_point(ctx: AttackContext, x: Tensor, y: Tensor, loss: str) -> Tensor:
+    """APGD's adversarial point for ``x`` against ``ctx.model`` as it is (its operators' alpha and backward)."""
+    o = ctx.options
+    attack = make_apgd(
+        ctx.model,
+        loss=loss,
+        eps=ctx.eps,
+        norm=ctx.norm,
+        seed=ctx.seed,
+        device=ctx.device,
+        n_iter=o["n_iter"],
+        n_restarts=o["n_restarts"],
+        rho=o["rho"],
+    )
+    return attack.perturb(x, y)
+
+
 def apgd(loss: str) -> BatchAttack:
     def run(ctx: AttackContext, x: Tensor, y: Tensor) -> Tensor:
-        o = ctx.options
-        attack = make_apgd(
-            ctx.model,
-            loss=loss,
-            eps=ctx.eps,
-            norm=ctx.norm,
-            seed=ctx.seed,
-            device=ctx.device,
-            n_iter=o["n_iter"],
-            n_restarts=o["n_restarts"],
-            rho=o["rho"],
-        )
         # the operators' backward (exact, straight-through, surrogate) is the registry's switch; the adversarial
         # point is judged with the real model, whose forward no backward mode changes
-        return judge(ctx.model, x, attack.perturb(x, y), y, ctx.eps, ctx.norm)
+        return judge(ctx.model, x, apgd_point(ctx, x, y, loss), y, ctx.eps, ctx.norm)
 
     return run
 
@@ -129,26 +134,8 @@ def transfer_base(ctx: AttackContext, x: Tensor, y: Tensor) -> Tensor:
     """APGD-CE against the base model (every operator's alpha 0: the identity), judged on the MeanSparse model:
     the base is a near-perfect surrogate of the defended model, its gradients are not masked, and it costs
     nothing to obtain."""
-    ops = operators(ctx.model)
-    alphas = [float(op.alpha) for op in ops]
-    for op in ops:
-        op.set_alpha(0.0)
-    try:
-        attack = make_apgd(
-            ctx.model,
-            loss="ce",
-            eps=ctx.eps,
-            norm=ctx.norm,
-            seed=ctx.seed,
-            device=ctx.device,
-            n_iter=ctx.options["n_iter"],
-            n_restarts=ctx.options["n_restarts"],
-            rho=ctx.options["rho"],
-        )
-        x_adv = attack.perturb(x, y)
-    finally:
-        for op, alpha in zip(ops, alphas, strict=True):
-            op.set_alpha(alpha)
+    with temporary_alpha(ctx.model, 0.0):
+        x_adv = apgd_point(ctx, x, y, "ce")
     return judge(ctx.model, x, x_adv, y, ctx.eps, ctx.norm)
 
 

@@ -21,6 +21,7 @@ from meansparse_pl.ops.model import (
     require_operators,
     set_alpha,
     set_backward_mode,
+    temporary_alpha,
 )
 
 __all__ = [
@@ -41,5 +42,6 @@ __all__ = [
     "require_operators",
     "set_alpha",
     "set_backward_mode",
+    "temporary_alpha",
     "set_fused_kernels",
 ]

@@ -72,6 +72,21 @@ def set_backward_mode(model: nn.Module, mode: BackwardMode, temperature: float |
 
 
 @contextlib.contextmanager
+def temporary_alpha(model: nn.Module, alpha: float | None = None) -> Iterator[nn.Module]:
+    """Every operator's alpha back as it was on exit; with ``alpha``, every operator at that value inside, e.g.
+    ``with temporary_alpha(m, 0.0):`` for the base model. A model without operators passes through."""
+    previous = [(op, float(op.alpha)) for op in operators(model)]
+    try:
+        if alpha is not None:
+            for op, _ in previous:
+                op.set_alpha(alpha)
+        yield model
+    finally:
+        for op, value in previous:
+            op.set_alpha(value)
+
+
+@contextlib.contextmanager
 def backward_mode(
     model: nn.Module, mode: BackwardMode, temperature: float | None = None
 ) -> Iterator[nn.Module]:
