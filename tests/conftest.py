@@ -319,6 +319,13 @@ def make_batches(shape: tuple[int, ...], n: int, batch_size: int, seed: int = 0)
     return list(data.split(batch_size))
 
 
+@pytest.fixture
+def in_tmp_path(tmp_path, monkeypatch):
+    """Run the test in its own tmp_path: LightningCLI saves each run's config.yaml (and runs/ folders) in the
+    working directory, which must stay out of the repository."""
+    monkeypatch.chdir(tmp_path)
+
+
 @pytest.fixture(scope="module")
 def single_thread():
     """One intra-op thread: the test models are tiny, and on a shared 2-core machine OpenMP barriers of two

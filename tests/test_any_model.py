@@ -39,9 +39,7 @@ SEARCH = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def _run_in_tmp(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
+pytestmark = pytest.mark.usefixtures("in_tmp_path")
 
 
 def _datamodule() -> FashionMNISTDataModule:

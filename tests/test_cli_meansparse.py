@@ -42,10 +42,7 @@ MODEL = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def _run_in_tmp(tmp_path, monkeypatch):
-    """LightningCLI saves each run's config.yaml in the working directory: keep it out of the repository."""
-    monkeypatch.chdir(tmp_path)
+pytestmark = pytest.mark.usefixtures("in_tmp_path")
 
 
 def _datamodule() -> FashionMNISTDataModule:

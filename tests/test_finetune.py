@@ -167,9 +167,7 @@ TINY = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def _run_in_tmp(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
+pytestmark = pytest.mark.usefixtures("in_tmp_path")
 
 
 def test_the_fine_tuning_config_and_its_control_run_and_compare_on_fashion_mnist(tmp_path):
