@@ -80,7 +80,7 @@ def original_forward(self: MeanSparse, x: torch.Tensor) -> torch.Tensor:
     shape[self.channel_dim] = self.num_channels
     dtype = torch.promote_types(x.dtype, self.mean.dtype)
     centre, threshold = self.mean.to(dtype).view(shape), threshold.to(dtype).view(shape)
-    return SPARSIFY_BY_MODE[self.backward_mode].apply(x, centre, threshold)
+    return SPARSIFY_BY_MODE[self.backward_mode](x, centre, threshold)
 
 
 @contextlib.contextmanager

@@ -26,6 +26,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from meansparse_pl import preemption
@@ -34,7 +35,8 @@ from meansparse_pl.errors import CheckpointError, ConfigurationError, DataNotFou
 from meansparse_pl.io import atomic_torch_save, safe_load, state_digest
 from meansparse_pl.modes import eval_mode
 from meansparse_pl.ops import MeanSparse, require_operators
-from meansparse_pl.statistics import OperatorMoments
+from meansparse_pl.sharding import WholeBatchSampler, merge_across_processes
+from meansparse_pl.statistics import Moments, OperatorMoments
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,11 @@ class CalibrationSummary:
     images: int
     batches: int
     seconds: float
+    dtype: str = "float32"  # the dtype the model ran in while the statistics were collected
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def images_of(batch: Any) -> torch.Tensor:
@@ -76,29 +83,79 @@ def check_input_shape(expected: tuple[int, ...] | None, images: torch.Tensor, wh
         )
 
 
+@dataclass
+class _DeviceGroup:
+    """The operators whose buffers live on one device, and their accumulator (kept on that device)."""
+
+    device: torch.device
+    sites: list[int]
+    moments: OperatorMoments
+
+
 class Calibrator:
     """Attach the accumulators to every operator, observe batches, then write the (synchronised) statistics.
 
-    Use :meth:`observing` around the batches, :meth:`observe` on each, and :meth:`finish` once at the end;
-    ``finish`` merges across processes when torch.distributed is initialised (torchmetrics syncs the states).
+    Use :meth:`observing` around the batches, :meth:`observe` on each, and :meth:`finish` once at the end.
+
+    Args:
+        model: the sparsified model.
+        device: where the images go (default: the device of the model's first parameter, i.e. its input layer).
+            Each operator's moments stay on the operator's own device, so a model spread over several devices
+            calibrates without moving activations.
+        distributed: merge across processes (torchmetrics syncs the states in :meth:`finish`): ``None`` when a
+            process group of several processes is initialised (each must pass its own disjoint shard), or
+            ``True`` / ``False`` explicitly; ``False`` calibrates this process alone, e.g. on rank 0 only.
+
+    The rule for precision: the statistics pass runs the model in its own parameter dtype with autocast off,
+    whatever precision training or the Trainer uses (``bf16-mixed`` keeps float32 weights, so it collects
+    float32 statistics, exactly like ``32-true``; ``bf16-true`` / ``16-true`` weights run in their own
+    dtype); :attr:`dtype` records it, and the checkpoint's calibration summary carries it. Moments accumulate
+    in float64.
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        device: torch.device | str | None = None,
+        distributed: bool | None = None,
+    ) -> None:
         self.model = model
         self.operators: list[MeanSparse] = require_operators(model)
-        self.device = self.operators[0].mean.device
-        self.moments = OperatorMoments(
-            [op.num_channels for op in self.operators], [op.channel_dim for op in self.operators]
-        ).to(self.device)
+        first = next((p for p in model.parameters()), None)
+        self.device = torch.device(device) if device is not None else self.operators[0].mean.device
+        if device is None and first is not None:
+            self.device = first.device
+        floating = [p.dtype for p in model.parameters() if p.is_floating_point()]
+        self.dtype: torch.dtype = floating[0] if floating else torch.float32
+        sync = merge_across_processes(distributed)
+        by_device: dict[torch.device, list[int]] = {}
+        for site, op in enumerate(self.operators):
+            by_device.setdefault(op.mean.device, []).append(site)
+        self.groups = [
+            _DeviceGroup(
+                where,
+                sites,
+                OperatorMoments(
+                    [self.operators[i].num_channels for i in sites],
+                    [self.operators[i].channel_dim for i in sites],
+                    sync_on_compute=sync,
+                ).to(where),
+            )
+            for where, sites in by_device.items()
+        ]
         self.expected_shape = expected_input_shape(model)
         self.batches = 0
+        # the first batch with a non-finite pixel, tracked on the images' device: no host sync per batch
+        self._first_bad_batch: torch.Tensor | None = None
 
     @contextlib.contextmanager
     def observing(self) -> Iterator[Calibrator]:
         """Eval mode, observers attached; restores every module's train/eval mode afterwards."""
         with eval_mode(self.model):
-            for site, op in enumerate(self.operators):
-                op.observer = self.moments.observer(site)
+            for group in self.groups:
+                for local, site in enumerate(group.sites):
+                    self.operators[site].observer = group.moments.observer(local)
             try:
                 yield self
             finally:
@@ -108,21 +165,48 @@ class Calibrator:
     @torch.no_grad()
     def observe(self, batch: Any) -> None:
         """Feed one batch (a tensor, ``(images, labels)`` or a dict) through the model."""
-        images = images_of(batch).to(self.device, non_blocking=True)
+        images = images_of(batch)
         where = f"calibration batch {self.batches}"
         check_input_shape(self.expected_shape, images, where)
-        if not torch.isfinite(images).all():
-            raise StatisticsError(f"{where} contains NaN or Inf pixels; clean the data before calibrating.")
-        self.moments.update(images)
-        self.model(images)
+        # remembered where the data is and reported by finish(): a per-batch check would be a host read each
+        # batch (a device sync on a GPU)
+        bad = ~torch.isfinite(images).all()
+        if self._first_bad_batch is None:
+            self._first_bad_batch = torch.full((), -1, dtype=torch.int64, device=images.device)
+        first = self._first_bad_batch
+        self._first_bad_batch = torch.where(bad & (first < 0), self.batches, first)
+        images = images.to(self.device, dtype=self.dtype, non_blocking=True)
+        for group in self.groups:
+            group.moments.update(images)
+        with torch.autocast(self.device.type, enabled=False):
+            self.model(images)
         self.batches += 1
 
-    def finish(self) -> int:
-        """Write mean / var / count into every operator; returns the number of images seen (all processes)."""
+    def state(self) -> list[torch.Tensor]:
+        """The packed moments of every device group (for resumable state files)."""
+        return [group.moments.moments for group in self.groups]
+
+    def compute(self) -> tuple[list[Moments], int]:
+        """Every operator's moments (merged over processes when syncing) and the number of images."""
         with warnings.catch_warnings():
             # a process whose shard is empty never called update(); it must still take part in the sync
             warnings.filterwarnings("ignore", message=".*was called before the ``update`` method.*")
-            sites, images = self.moments.compute()
+            sites: list[Moments | None] = [None] * len(self.operators)
+            images = 0
+            for group in self.groups:
+                moments, images = group.moments.compute()
+                for site, value in zip(group.sites, moments, strict=True):
+                    sites[site] = value
+        return sites, images  # type: ignore[return-value]
+
+    def finish(self) -> int:
+        """Write mean / var / count into every operator; returns the number of images seen (all processes)."""
+        if self._first_bad_batch is not None and int(self._first_bad_batch) >= 0:  # one sync, at the end
+            raise StatisticsError(
+                f"calibration batch {int(self._first_bad_batch)} contains NaN or Inf pixels; clean the data "
+                "before calibrating."
+            )
+        sites, images = self.compute()
         if images == 0:
             raise DataNotFoundError(
                 "the calibration data yielded no images; check the training split and limits."
@@ -139,7 +223,8 @@ class Calibrator:
                     "model); check the data and the model's outputs before calibrating."
                 )
             op.set_statistics(moments.mean, moments.var, float(moments.count))
-        self.moments.reset()
+        for group in self.groups:
+            group.moments.reset()
         return images
 
 
@@ -150,6 +235,7 @@ def calibrate(
     limit_batches: int | None = None,
     device: torch.device | str | None = None,
     progress: bool = True,
+    distributed: bool | None = None,
 ) -> CalibrationSummary:
     """Fill every MeanSparse operator's per-channel mean and variance from one pass over ``dataloader``.
 
@@ -157,13 +243,14 @@ def calibrate(
     running statistics included) and every module's train/eval mode is restored. The statistics are the
     population mean and variance over every element seen, accumulated in float64, so they do not depend on
     batch size, batch order or, under torch.distributed, on how the data is sharded across processes
-    (each process must see a disjoint shard; the results are merged exactly).
+    (each process must see a disjoint shard; the results are merged exactly). ``distributed`` says whether
+    to merge (see :class:`Calibrator`: by default when a process group of several processes is initialised;
+    ``False`` calibrates on this process alone, e.g. on rank 0 after a DDP fit). ``device`` is where the images
+    go (default: the model's first parameter's device); the precision rule is :class:`Calibrator`'s.
     """
     limit_batches = check_optional_positive_int("limit_batches", limit_batches, "or None for every batch")
     start = time.perf_counter()
-    calibrator = Calibrator(model)
-    if device is not None:
-        calibrator.device = torch.device(device)
+    calibrator = Calibrator(model, device=device, distributed=distributed)
     total = limit_batches
     if total is None and hasattr(dataloader, "__len__"):
         total = len(dataloader)  # type: ignore[arg-type]
@@ -178,13 +265,34 @@ def calibrate(
             calibrator.observe(batch)
     images = calibrator.finish()
     return CalibrationSummary(
-        len(calibrator.operators), images, calibrator.batches, time.perf_counter() - start
+        len(calibrator.operators),
+        images,
+        calibrator.batches,
+        time.perf_counter() - start,
+        dtype_name(calibrator.dtype),
+    )
+
+
+def whole_batch_loader(loader: DataLoader, world_size: int, rank: int) -> DataLoader:
+    """``loader``'s data set, batch size and workers, with this process's whole batches of its order."""
+    batch_size = loader.batch_size or 1
+    sampler = WholeBatchSampler(len(loader.dataset), batch_size, world_size, rank)  # type: ignore[arg-type]
+    return DataLoader(
+        loader.dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=loader.num_workers,
+        collate_fn=loader.collate_fn,
+        pin_memory=loader.pin_memory,
     )
 
 
 class CalibrationModule(pl.LightningModule):
     """The :class:`Calibrator` inside Lightning's predict loop (``cli.py postprocess``): the Trainer provides
-    devices, sharding without padding, and the progress bar; the statistics are merged at the end.
+    devices and the progress bar; give it a loader of whole batches per process
+    (:func:`whole_batch_loader`); the statistics are merged at the end. Under a mixed-precision Trainer the pass
+    runs with autocast off (the :class:`Calibrator`'s precision rule), so ``postprocess`` and the
+    ``MeanSparseCallback`` collect the same statistics.
 
     With ``state_path``, a stop requested by SIGTERM / SIGUSR1 saves the moments gathered so far (one file per
     process) and raises :class:`~meansparse_pl.errors.Interrupted`; the same run started again skips the
@@ -197,6 +305,7 @@ class CalibrationModule(pl.LightningModule):
         self.model = model
         self.state_path = state_path
         self.images = 0
+        self.statistics_dtype = ""  # the dtype the model ran in while collecting (see Calibrator)
         self.calibrator: Calibrator | None = None
         self._skip = 0
         self._observing = contextlib.ExitStack()
@@ -210,14 +319,15 @@ class CalibrationModule(pl.LightningModule):
         return digest.hexdigest()[:16]
 
     def on_predict_start(self) -> None:
-        self.calibrator = Calibrator(self.model)
+        self.calibrator = Calibrator(self.model, distributed=self.trainer.world_size > 1)
         self._skip = 0
         path = self._state_file()
         if path is not None and path.is_file():
             saved = self._saved_state(path)
             if saved is not None:
-                self.calibrator.moments.moments.copy_(saved["moments"])
-                self.calibrator.moments.images.fill_(float(saved["images"]))
+                for group, moments in zip(self.calibrator.groups, saved["moments"], strict=True):
+                    group.moments.moments.copy_(moments)
+                    group.moments.images.fill_(float(saved["images"]))
                 self.calibrator.batches = self._skip = int(saved["batches"])
                 rank_zero_info(f"MeanSparse statistics: resuming after {self._skip} batches ({path})")
             else:
@@ -234,10 +344,14 @@ class CalibrationModule(pl.LightningModule):
         except CheckpointError:
             return None
         moments, images, batches = saved.get("moments"), saved.get("images"), saved.get("batches")
+        own = self.calibrator.state()
         fits = (
             saved.get("fingerprint") == self._fingerprint()
-            and isinstance(moments, torch.Tensor)
-            and moments.shape == self.calibrator.moments.moments.shape
+            and isinstance(moments, list)
+            and len(moments) == len(own)
+            and all(
+                isinstance(m, torch.Tensor) and m.shape == o.shape for m, o in zip(moments, own, strict=False)
+            )
             and isinstance(images, float)
             and isinstance(batches, int)
             and 0 <= batches <= self.trainer.num_predict_batches[0]
@@ -260,12 +374,11 @@ class CalibrationModule(pl.LightningModule):
         path = self._state_file()
         if path is None:
             return f"the statistics pass stopped on {signal_name}; nothing was kept, run it again"
-        moments = self.calibrator.moments
         atomic_torch_save(
             {
                 "fingerprint": self._fingerprint(),
-                "moments": moments.moments.detach().cpu(),
-                "images": float(moments.images),
+                "moments": [m.detach().cpu() for m in self.calibrator.state()],
+                "images": float(self.calibrator.groups[0].moments.images),
                 "batches": self.calibrator.batches,
             },
             path,
@@ -279,6 +392,7 @@ class CalibrationModule(pl.LightningModule):
         self._observing.close()
         assert self.calibrator is not None
         self.images = self.calibrator.finish()
+        self.statistics_dtype = dtype_name(self.calibrator.dtype)
         path = self._state_file()
         if path is not None:
             with contextlib.suppress(FileNotFoundError):

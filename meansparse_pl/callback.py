@@ -7,10 +7,11 @@ public steps, each usable without a Trainer and each overridable: :meth:`~MeanSp
 (the paper keeps the epoch with the best PGD validation accuracy), :meth:`~MeanSparseCallback.sparsify`,
 :meth:`~MeanSparseCallback.calibrate` (one pass over the training split) and :meth:`~MeanSparseCallback.save`.
 
-Under DDP each process reads a disjoint, unpadded shard of the training split (Lightning's training sampler
-would pad the last batch with repeated samples, which must not enter the statistics); the per-process moments
-are merged exactly, so the result equals a single-process pass. Rank 0 writes the file while the others wait
-at a barrier.
+Under DDP each process reads whole batches of the one-process order of the training split, none padded or
+repeated (Lightning's training sampler would pad the last batch with repeated samples, which must not enter
+the statistics; see :mod:`meansparse_pl.sharding`); the per-process moments are merged exactly, so the result
+equals a single-process pass. The alpha search likewise runs on every process, each on whole batches of the
+held-out split, with one merged result. Rank 0 writes the files while the others wait at a barrier.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import torch
 from jsonargparse import lazy_instance
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader
 
 from meansparse_pl.alpha_search import (
     PAPER_ALPHAS,
@@ -50,12 +51,8 @@ from meansparse_pl.io import atomic_write, atomic_write_json, atomic_write_text,
 from meansparse_pl.ops import operators, set_alpha
 from meansparse_pl.placement import describe, get_preset
 from meansparse_pl.placement import sparsify as place_operators
+from meansparse_pl.sharding import WholeBatchSampler
 from meansparse_pl.steps import first_samples
-
-
-def unpadded_shard(dataset: Any, rank: int, world_size: int) -> Subset:
-    """Indices rank, rank + W, ...: every sample in exactly one shard, none repeated (unlike padding)."""
-    return Subset(dataset, list(range(rank, len(dataset), world_size)))
 
 
 class MeanSparseCallback(pl.Callback):
@@ -117,13 +114,15 @@ class MeanSparseCallback(pl.Callback):
         else:
             sparse = self.sparsify(pl_module.model, loader)
             pl_module.model = sparse
-        summary = self.calibrate(sparse, loader, progress=trainer.is_global_zero)
+        progress = trainer.is_global_zero and trainer.progress_bar_callback is not None
+        summary = self.calibrate(sparse, loader, progress=progress, distributed=trainer.world_size > 1)
         if self.alpha is not None:
             set_alpha(sparse, self.alpha)
         self.summary = {
             "sites": summary.sites,
             "images": summary.images,
             "seconds": round(summary.seconds, 2),
+            "dtype": summary.dtype,
         }
         path = Path(self.output_path or os.path.join(trainer.default_root_dir, "meansparse.pt"))
         if trainer.is_global_zero:
@@ -143,7 +142,7 @@ class MeanSparseCallback(pl.Callback):
         rank_zero_info(f"MeanSparse: using the best checkpoint {path}")
 
     def calibration_loader(self, trainer: pl.Trainer) -> DataLoader:
-        """This process's disjoint, unpadded shard of the datamodule's calibration split."""
+        """This process's whole batches of the datamodule's calibration split (none padded or repeated)."""
         datamodule = trainer.datamodule
         if datamodule is None or not hasattr(datamodule, "calibration_dataloader"):
             raise ConfigurationError(
@@ -151,11 +150,11 @@ class MeanSparseCallback(pl.Callback):
                 "without augmentation); use one of meansparse_pl.data's datamodules."
             )
         base = datamodule.calibration_dataloader()
-        shard = unpadded_shard(base.dataset, trainer.global_rank, trainer.world_size)
+        batch_size = self.batch_size or base.batch_size or 128
         return DataLoader(
-            shard,
-            batch_size=self.batch_size or base.batch_size or 128,
-            shuffle=False,
+            base.dataset,
+            batch_size=batch_size,
+            sampler=WholeBatchSampler(len(base.dataset), batch_size, trainer.world_size, trainer.global_rank),
             num_workers=base.num_workers,
             pin_memory=torch.cuda.is_available(),
         )
@@ -166,9 +165,14 @@ class MeanSparseCallback(pl.Callback):
         device = next(model.parameters()).device
         return place_operators(model, example.to(device), self.placement)
 
-    def calibrate(self, model: nn.Module, loader: DataLoader, *, progress: bool = True) -> CalibrationSummary:
-        """One statistics pass (:func:`meansparse_pl.calibrate`) over ``loader``, at most :attr:`limit_batches`."""
-        return calibrate(model, loader, limit_batches=self.limit_batches, progress=progress)
+    def calibrate(
+        self, model: nn.Module, loader: DataLoader, *, progress: bool = True, distributed: bool | None = None
+    ) -> CalibrationSummary:
+        """One statistics pass (:func:`meansparse_pl.calibrate`) over ``loader``, at most :attr:`limit_batches`;
+        ``distributed`` merges the processes' shards (every process must call it then)."""
+        return calibrate(
+            model, loader, limit_batches=self.limit_batches, progress=progress, distributed=distributed
+        )
 
     def save(self, model: nn.Module, path: str | os.PathLike, architecture: dict[str, Any] | None) -> Path:
         """Write the sparsified checkpoint (atomically) with the calibration summary."""
@@ -182,8 +186,9 @@ class AlphaSearchCallback(pl.Callback):
     written again with that alpha and the search result; the reports go to ``output_dir`` and the numbers to the
     trainer's loggers. List it after the MeanSparseCallback in ``trainer.callbacks``.
 
-    The search runs on the global-zero process on one device (like Lightning's learning-rate finder, whose result
-    is then broadcast); the other processes wait for its answer.
+    The search runs on every process, each on whole batches of the held-out split on its own device, and every
+    process gets the one merged result (so no process waits while another works alone, and the choice is the
+    one a single process makes).
 
     Args:
         alphas, threat, attacks, max_clean_drop, criterion, selection, schedule, seed, batch_size: the search,
@@ -242,9 +247,10 @@ class AlphaSearchCallback(pl.Callback):
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         meansparse = self.meansparse_callback(trainer)
-        alpha = None
+        self.result = self.run(pl_module.model, trainer.datamodule, distributed=trainer.world_size > 1)
+        alpha = self.result.suggestion()
+        set_alpha(pl_module.model, alpha)
         if trainer.is_global_zero:
-            self.result = self.run(pl_module.model, trainer.datamodule)
             self.write(
                 self.result, Path(self.output_dir or os.path.join(trainer.default_root_dir, "alpha_search"))
             )
@@ -252,9 +258,6 @@ class AlphaSearchCallback(pl.Callback):
                 for offset, row in enumerate(self.result.metrics()):
                     logger.log_metrics(row, step=trainer.global_step + offset)
                 logger.save()
-            alpha = self.result.suggestion()
-        alpha = trainer.strategy.broadcast(alpha)
-        set_alpha(pl_module.model, alpha)
         if trainer.is_global_zero and meansparse.saved_path is not None:
             architecture = pl_module.architecture() if hasattr(pl_module, "architecture") else None
             metadata = {"calibration": meansparse.summary, "alpha_search": self.result.to_json()}  # type: ignore[union-attr]
@@ -266,10 +269,14 @@ class AlphaSearchCallback(pl.Callback):
             )
         trainer.strategy.barrier("alpha_search_saved")
 
-    def run(self, model: nn.Module, datamodule: pl.LightningDataModule) -> AlphaSearchResult:
-        """The sweep on the first ``limit_samples`` images of the datamodule's held-out split."""
+    def run(
+        self, model: nn.Module, datamodule: pl.LightningDataModule, distributed: bool | None = None
+    ) -> AlphaSearchResult:
+        """The sweep on the first ``limit_samples`` images of the datamodule's held-out split (``distributed``:
+        every process takes part, see :meth:`AlphaSearch.run <meansparse_pl.alpha_search.AlphaSearch.run>`)."""
         datamodule.setup("fit")
-        return self.search.run(model, first_samples(datamodule.val_dataloader().dataset, self.limit_samples))
+        held_out = first_samples(datamodule.val_dataloader().dataset, self.limit_samples)
+        return self.search.run(model, held_out, distributed=distributed)
 
     def write(self, result: AlphaSearchResult, folder: Path) -> None:
         """alpha_search.md / .json / .png in ``folder``."""

@@ -319,6 +319,7 @@ def compare_models(
     seed: int = 0,
     state_dir: str | os.PathLike | None = None,
     trainer: pl.Trainer | None = None,
+    distributed: bool | None = None,
     settings: Mapping[str, str] | None = None,
 ) -> ModelComparison:
     """Attack every model on every sample of ``dataset`` with the same attacks and seeds; ``control`` is the label
@@ -339,7 +340,14 @@ def compare_models(
             )
         started = time.perf_counter()
         per_sample[label] = run_tasks(
-            model, dataset, tasks, batch_size=batch_size, seed=seed, state_path=state, trainer=trainer
+            model,
+            dataset,
+            tasks,
+            batch_size=batch_size,
+            seed=seed,
+            state_path=state,
+            trainer=trainer,
+            distributed=distributed,
         )
         seconds[label] = round(time.perf_counter() - started, 1)
     return ModelComparison(

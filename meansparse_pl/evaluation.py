@@ -4,9 +4,10 @@ Every attack yields, per test sample, whether the model is still correct. Result
 sample's index in the data set, so
 
 * the per-sample worst case over all attacks ("best known") is a logical AND by index;
-* Lightning's predict loop shards the data across processes *without* padding (its distributed sampler for
-  prediction does not repeat samples), and torchmetrics ``CatMetric`` gathers the (index, correct) rows,
-  so each sample counts exactly once whatever the number of processes;
+* each process takes whole batches of the one-process order (:mod:`meansparse_pl.sharding`), so every batch,
+  and every attack's random start on it, is the one a single process would see: a verdict never depends on the
+  number of processes; torchmetrics ``CatMetric`` gathers the (index, correct) rows once at the end, so each
+  sample counts exactly once;
 * a state file records every finished (attack, batch); an interrupted run skips what is done and, since each
   batch's attack is seeded from the seed and the batch's first index, reaches the same numbers.
 """
@@ -37,6 +38,7 @@ from meansparse_pl.errors import CheckpointError, ConfigurationError, Interrupte
 from meansparse_pl.io import atomic_torch_save, state_digest
 from meansparse_pl.modes import eval_mode
 from meansparse_pl.ops import MeanSparse, alphas_of, operators, set_alpha, temporary_alpha
+from meansparse_pl.sharding import WholeBatchSampler, merge_across_processes, process_group_size_and_rank
 
 
 class IndexedDataset(Dataset):
@@ -53,8 +55,14 @@ class IndexedDataset(Dataset):
         return image, torch.as_tensor(label), index
 
 
-def indexed_loader(dataset: Dataset, batch_size: int, num_workers: int = 0) -> DataLoader:
-    return DataLoader(IndexedDataset(dataset), batch_size=batch_size, shuffle=False, num_workers=num_workers)
+def indexed_loader(
+    dataset: Dataset, batch_size: int, num_workers: int = 0, world_size: int = 1, rank: int = 0
+) -> DataLoader:
+    """This process's whole batches of ``(image, label, index)`` (see :mod:`meansparse_pl.sharding`)."""
+    sampler = WholeBatchSampler(len(dataset), batch_size, world_size, rank)  # type: ignore[arg-type]
+    return DataLoader(
+        IndexedDataset(dataset), batch_size=batch_size, sampler=sampler, num_workers=num_workers
+    )
 
 
 @dataclass(frozen=True)
@@ -110,9 +118,9 @@ class ResumeState:
         finished = self.results.get(key, {})
         return all(int(i) in finished for i in indices)
 
-    def record(self, key: str, indices: Sequence[int], correct: Tensor) -> None:
+    def record(self, key: str, indices: Sequence[int], correct: Sequence[bool]) -> None:
         target = self.results.setdefault(key, {})
-        for i, c in zip(indices, correct.tolist(), strict=True):
+        for i, c in zip(indices, correct, strict=True):
             target[int(i)] = bool(c)
 
     def save(self) -> None:
@@ -140,7 +148,7 @@ def fingerprint_of(model: nn.Module, tasks: Sequence[EvaluationTask], dataset: D
     operator_alphas = {
         f"{name}.alpha" if name else "alpha" for name, m in model.named_modules() if isinstance(m, MeanSparse)
     }
-    model_alphas = [float(op.alpha) for op in operators(model)]
+    model_alphas = [op.alpha_value for op in operators(model)]
     digest = state_digest(model.state_dict(), skip=operator_alphas)
     spec = [
         (
@@ -171,6 +179,8 @@ class EvaluationModule(pl.LightningModule):
         attack_batch_size: int = 256,
         state_path: str | os.PathLike | None = None,
         fingerprint: str = "",
+        sync: bool = False,
+        rank: int = 0,
     ) -> None:
         super().__init__()
         if not tasks:
@@ -191,9 +201,14 @@ class EvaluationModule(pl.LightningModule):
         self.attack_batch_size = attack_batch_size
         self.state_path = state_path
         self.fingerprint = fingerprint
-        self.rows = nn.ModuleDict({self._metric_name(t.key): CatMetric() for t in self.tasks})
+        self.rank = rank
+        # filled once, in gathered(): each rank's rows are merged by one gather per task at the end
+        self.rows = nn.ModuleDict(
+            {self._metric_name(t.key): CatMetric(sync_on_compute=sync) for t in self.tasks}
+        )
         self.state: ResumeState | None = None
         self.initial_alphas: list[float] | None = None
+        self.seen: list[int] = []  # the sample indices this process evaluated
 
     @staticmethod
     def _metric_name(key: str) -> str:
@@ -202,54 +217,78 @@ class EvaluationModule(pl.LightningModule):
     def on_predict_start(self) -> None:
         self.initial_alphas = alphas_of(self.model) if operators(self.model) else None
         self.model.eval()
-        self.state = ResumeState(self.state_path, self.fingerprint, self.global_rank)
+        self.state = ResumeState(self.state_path, self.fingerprint, self.rank)
+        self.seen = []
         for metric in self.rows.values():
             metric.reset()
 
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+        # the sample indices stay on the host: reading them back from a GPU would be a sync per batch
+        images, labels, indices = batch
+        return images.to(device, non_blocking=True), labels.to(device, non_blocking=True), indices
+
     def predict_step(self, batch: Any, batch_idx: int) -> None:
         images, labels, indices = batch
-        index_list = [int(i) for i in indices]
+        index_list = [int(i) for i in indices.tolist()]
+        self.seen += index_list
         assert self.state is not None
-        batch_verdicts: dict[str, Tensor] = {}
+        # verdicts are kept as Python lists on the host: the bookkeeping (cascade survivors, resume state,
+        # progress lines) never reads a device tensor; each attack costs one copy of its verdicts
+        batch_verdicts: dict[str, list[bool]] = {}
         for task in self.tasks:
             if self.state.done(task.key, index_list):
-                correct = torch.tensor([self.state.results[task.key][i] for i in index_list])
+                correct = [self.state.results[task.key][i] for i in index_list]
             else:
-                alpha = task.alpha if task.alpha is not None else self.initial_alphas
-                if alpha is not None:
-                    set_alpha(self.model, alpha)
-                survivors = torch.ones(len(index_list), dtype=torch.bool)
-                for earlier in task.after:
-                    survivors &= batch_verdicts[earlier]
                 started = time.perf_counter()
-                correct = torch.zeros(len(index_list), dtype=torch.bool)
-                if survivors.any():
-                    # seed from the batch's first sample: a resumed run repeats exactly the same attack
-                    torch.manual_seed(self.seed + index_list[0])
-                    with torch.enable_grad():
-                        correct[survivors] = run_attack(
-                            task.attack,
-                            self.model,
-                            images[survivors.to(images.device)],
-                            labels[survivors.to(labels.device)],
-                            eps=task.threat.eps,
-                            norm=task.threat.norm,
-                            seed=self.seed + index_list[0],
-                            batch_size=self.attack_batch_size,
-                            **task.options,
-                        ).cpu()
+                correct = self._attack(task, images, labels, index_list, batch_verdicts)
                 self.state.record(task.key, index_list, correct)
                 self.state.save()  # after every attack: an interruption loses at most one attack on one batch
                 # one batch can hold many minutes of attacks (AutoAttack on CPU): say what finished, so the
                 # predict bar is not the only sign of progress
                 rank_zero_info(
                     f"evaluate: {task.key} on {len(index_list)} samples (batch {batch_idx + 1}): "
-                    f"{100.0 * float(correct.float().mean()):.2f}% in {time.perf_counter() - started:.0f} s"
+                    f"{100.0 * sum(correct) / len(correct):.2f}% in {time.perf_counter() - started:.0f} s"
                 )
                 self._stop_if_requested()
             batch_verdicts[task.key] = correct
-            rows = torch.stack([indices.cpu().to(torch.float64), correct.to(torch.float64)], dim=1)
-            self.rows[self._metric_name(task.key)].update(rows.to(self.device))
+
+    def _attack(
+        self,
+        task: EvaluationTask,
+        images: Tensor,
+        labels: Tensor,
+        index_list: list[int],
+        earlier: dict[str, list[bool]],
+    ) -> list[bool]:
+        """One task on one batch: the samples still correct under every task it follows (a cascade), under the
+        task's alpha, seeded from the batch's first sample (a resumed run repeats exactly the same attack)."""
+        alpha = task.alpha if task.alpha is not None else self.initial_alphas
+        if alpha is not None:
+            set_alpha(self.model, alpha)
+        attacked = [i for i in range(len(index_list)) if all(earlier[key][i] for key in task.after)]
+        correct = [False] * len(index_list)
+        if not attacked:
+            return correct
+        inputs, targets = images, labels
+        if len(attacked) < len(index_list):
+            rows = torch.tensor(attacked).to(images.device, non_blocking=True)
+            inputs, targets = images.index_select(0, rows), labels.index_select(0, rows)
+        torch.manual_seed(self.seed + index_list[0])
+        with torch.enable_grad():
+            verdicts = run_attack(
+                task.attack,
+                self.model,
+                inputs,
+                targets,
+                eps=task.threat.eps,
+                norm=task.threat.norm,
+                seed=self.seed + index_list[0],
+                batch_size=self.attack_batch_size,
+                **task.options,
+            )
+        for position, verdict in zip(attacked, verdicts.tolist(), strict=True):  # the one copy to the host
+            correct[position] = bool(verdict)
+        return correct
 
     def _stop_if_requested(self) -> None:
         """A stop asked for by SIGTERM / SIGUSR1 (or Lightning's own SIGTERM flag) after an attack whose result is
@@ -264,24 +303,34 @@ class EvaluationModule(pl.LightningModule):
         preemption.stop_if_requested(lambda name: f"the evaluation stopped on {name}; {hint}")
 
     def gathered(self) -> dict[str, dict[int, bool]]:
-        """Per task, index -> correct, over all processes (torchmetrics gathers the rows)."""
+        """Per task, index -> correct, over all processes: every process enters each task's gather (one that
+        evaluated nothing with zero rows), so none waits for another that skipped it."""
+        assert self.state is not None
         out: dict[str, dict[int, bool]] = {}
         for task in self.tasks:
             metric = self.rows[self._metric_name(task.key)]
-            rows = metric.compute() if metric.update_count else torch.zeros(0, 2)
-            rows = rows.reshape(-1, 2).cpu()
+            mine = self.state.results.get(task.key, {})
+            rows = torch.tensor([[float(i), float(mine[i])] for i in self.seen], dtype=torch.float64)
+            metric.update(rows.reshape(-1, 2).to(self.device))
+            rows = metric.compute().reshape(-1, 2).cpu()
             out[task.key] = {int(i): bool(c) for i, c in rows.tolist()}
         return out
 
 
-def _default_trainer() -> pl.Trainer:
+def _default_trainer(model: nn.Module, progress: bool) -> pl.Trainer:
+    """A one-device Trainer where the model is: its GPU for a model on a GPU (under DDP, each rank's own), else
+    Lightning's choice."""
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    where: dict[str, Any] = {"accelerator": "auto", "devices": 1}
+    if device.type == "cuda":
+        where = {"accelerator": "gpu", "devices": [device.index or 0]}
     return pl.Trainer(
-        accelerator="auto",
-        devices=1,
+        **where,
         logger=False,
         enable_checkpointing=False,
         inference_mode=False,
         enable_model_summary=False,
+        enable_progress_bar=progress,
     )
 
 
@@ -295,22 +344,31 @@ def run_tasks(
     state_path: str | os.PathLike | None = None,
     trainer: pl.Trainer | None = None,
     num_workers: int = 0,
+    distributed: bool | None = None,
 ) -> dict[str, dict[int, bool]]:
     """Evaluate every task on every sample of ``dataset``; returns key -> {sample index: correct}.
 
-    With a ``trainer`` configured for several devices the data is sharded across its processes and the
-    results are gathered on every rank. Restores the model's alpha and train/eval mode afterwards.
+    Where it runs: with a ``trainer`` of several processes, across those (Lightning's devices and strategy);
+    with a one-device ``trainer``, in this process alone; without one, on the model's device, and across every
+    process of an initialised process group when ``distributed`` says so (``None``: when one of several
+    processes is initialised, so every process must make this call; ``False``: this process alone, no
+    collective). Each process takes whole batches of the one-process order, so the verdicts are the same for
+    any number of processes, and every process gets all of them. Restores the model's alpha and train/eval
+    mode afterwards.
     """
+    if trainer is not None and trainer.world_size > 1:
+        world_size, rank, sync = trainer.world_size, trainer.global_rank, True
+    else:
+        sync = merge_across_processes(distributed) if trainer is None else bool(distributed)
+        world_size, rank = process_group_size_and_rank() if sync else (1, 0)
     if trainer is None:
-        trainer = _default_trainer()
+        trainer = _default_trainer(model, progress=rank == 0)
     if getattr(trainer.predict_loop, "inference_mode", False):
         raise ConfigurationError("evaluation needs gradients: build the Trainer with inference_mode=False.")
     if len(dataset) == 0:  # type: ignore[arg-type]
         raise ConfigurationError("the evaluation data set is empty.")
     fingerprint = fingerprint_of(model, tasks, dataset, seed)
-    ResumeState(
-        state_path, fingerprint, trainer.global_rank
-    )  # another run's state is refused before anything runs
+    ResumeState(state_path, fingerprint, rank)  # another run's state is refused before anything runs
     module = EvaluationModule(
         model,
         tasks,
@@ -318,17 +376,20 @@ def run_tasks(
         attack_batch_size=batch_size,
         state_path=state_path,
         fingerprint=fingerprint,
+        sync=sync,
+        rank=rank,
     )
+    loader = indexed_loader(dataset, batch_size, num_workers, world_size, rank)
     with temporary_alpha(model), eval_mode(model):
-        trainer.predict(
-            module, dataloaders=indexed_loader(dataset, batch_size, num_workers), return_predictions=False
-        )
+        trainer.predict(module, dataloaders=loader, return_predictions=False)
         results = module.gathered()
     expected = len(dataset)  # type: ignore[arg-type]
     for key, per_sample in results.items():
         if len(per_sample) != expected:
-            raise RuntimeError(
-                f"{key}: {len(per_sample)} samples evaluated, expected {expected} (sharding bug)."
+            raise ConfigurationError(
+                f"{key}: {len(per_sample)} of {expected} samples were evaluated; the trainer's "
+                "limit_predict_batches cuts the evaluation short. Leave it at 1.0 and choose the samples with "
+                "limit_samples instead."
             )
     return results
 

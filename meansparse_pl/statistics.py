@@ -26,24 +26,31 @@ from meansparse_pl.ops import kernels  # the fused-kernel switch, size threshold
 
 @dataclass  # not frozen: torchmetrics post-processes compute() results field by field
 class Moments:
-    """Per-channel count, mean and sum of squared deviations (M2), float64."""
+    """Per-channel count, mean and sum of squared deviations (M2), float64.
 
-    count: Tensor  # scalar: elements per channel
+    ``count`` is a scalar tensor for accumulated moments and a Python float for one batch's (a number the host
+    already knows: no tensor is built on the device for it, which would be a host-device copy per batch)."""
+
+    count: Tensor | float  # elements per channel
     mean: Tensor  # [C]
     m2: Tensor  # [C]
 
     @property
     def var(self) -> Tensor:
         """Population variance (divides by count, not count - 1)."""
-        return self.m2 / self.count.clamp_min(1)
+        return self.m2 / _at_least_one(self.count)
+
+
+def _at_least_one(count: Tensor | float) -> Tensor | float:
+    # two empty parts stay empty without a division by zero (and without a host sync on GPU)
+    return count.clamp_min(1) if isinstance(count, Tensor) else max(count, 1.0)
 
 
 def merge_moments(a: Moments, b: Moments) -> Moments:
     """Exact merge of two partial results (Chan et al.): the result equals a single pass over both parts."""
     count = a.count + b.count
     delta = b.mean - a.mean
-    # clamp: two empty parts stay empty without a division by zero (and without a host sync on GPU)
-    weight_b = b.count / count.clamp_min(1)
+    weight_b = b.count / _at_least_one(count)
     mean = a.mean + delta * weight_b
     m2 = a.m2 + b.m2 + delta.square() * (a.count * weight_b)
     return Moments(count, mean, m2)
@@ -71,7 +78,7 @@ SHIFT_SAMPLE = 256
 
 
 def _fused_moments(x: Tensor, channel_dim: int) -> tuple[Tensor, Tensor] | None:
-    """The compiled CPU kernel for large float inputs; None where it does not apply or cannot compile."""
+    """The compiled kernel for large float inputs; None where it does not apply or cannot compile."""
     if not (kernels.fused_applicable(x) and not kernels.tracing()):
         return None
     mapped = kernels.canonical(x, channel_dim)
@@ -84,26 +91,51 @@ def _fused_moments(x: Tensor, channel_dim: int) -> tuple[Tensor, Tensor] | None:
     return result if ok else None  # type: ignore[return-value]
 
 
-def batch_moments(x: Tensor, channel_dim: int) -> Moments:
-    """Moments of one batch, every axis but ``channel_dim`` reduced, computed in float64.
+PARTIAL_CHUNK_NUMEL = 1 << 22
+"""Elements of ``x`` centred at a time by the eager moments (a bound on their temporary)."""
 
-    On CPU, large inputs go through one compiled kernel that reads ``x`` once, widening to float64 in
-    registers (see :func:`_moments_kernel`); elsewhere a float64 copy is reduced in eager mode by the two-pass
-    formula.
+
+def _partial_moments(x: Tensor, channel_dim: int) -> tuple[Tensor, Tensor]:
+    """Eager moments without a float64 copy of ``x``: centred on a per-channel float32 shift (the channel's mean
+    in the first sample; near the data, ``x - shift`` is exact), ``var_mean`` per (sample, channel) over the
+    remaining axes in float32 (float64 for float64 data), then the per-sample parts, which all hold the same
+    number of elements, merged exactly in float64 (Chan's rule for equal counts). The temporary covers at most
+    :data:`PARTIAL_CHUNK_NUMEL` elements; the only float64 tensors are ``(N, C)``.
+    """
+    work = torch.float64 if x.dtype == torch.float64 else torch.float32  # float64 data keeps its precision
+    dims = [d for d in range(x.dim()) if d != channel_dim]
+    first = x.narrow(0, 0, 1) if channel_dim != 0 else x
+    shift = first.to(work).mean(dim=dims, keepdim=True)  # (1, C, 1, ...)
+    if channel_dim == 0 or x.dim() == 2:  # no per-sample grouping: one var_mean over the other axes
+        var, mean = torch.var_mean(x.to(work) - shift, dim=dims, correction=0)
+        count = x.numel() // x.shape[channel_dim]
+        return shift.view(-1).double() + mean.double(), var.double() * count
+    rest = [d - 1 for d in dims[1:]]  # the axes of one sample, channel excluded
+    per_sample = x.numel() // (x.shape[0] * x.shape[channel_dim])
+    step = max(1, PARTIAL_CHUNK_NUMEL // max(x[0].numel(), 1))
+    parts = [
+        torch.var_mean(chunk.to(work) - shift, dim=[d + 1 for d in rest], correction=0)
+        for chunk in x.split(step)
+    ]
+    var = torch.cat([p[0] for p in parts]).double()  # (N, C)
+    mean = torch.cat([p[1] for p in parts]).double()
+    total = mean.mean(dim=0)
+    m2 = (var.sum(dim=0) + (mean - total).square_().sum(dim=0)) * per_sample
+    return shift.view(-1).double() + total, m2
+
+
+def batch_moments(x: Tensor, channel_dim: int) -> Moments:
+    """Moments of one batch, every axis but ``channel_dim`` reduced, exact to float64 rounding.
+
+    On CPU and CUDA, large inputs go through one compiled kernel that reads ``x`` once, widening to float64 in
+    registers (see :func:`_moments_kernel`); elsewhere :func:`_partial_moments` reduces in eager mode without a
+    float64 copy of the activation.
     """
     channel_dim = channel_dim % x.dim()
     x = x.detach()
-    count = torch.tensor(float(x.numel() // x.shape[channel_dim]), dtype=torch.float64, device=x.device)
+    count = float(x.numel() // x.shape[channel_dim])
     fused = _fused_moments(x, channel_dim)
-    if fused is not None:
-        mean, m2 = fused
-        return Moments(count, mean, m2)
-    reduce_dims = [d for d in range(x.dim()) if d != channel_dim]
-    values = x.to(torch.float64, copy=True)  # our own copy: centred in place below
-    mean = values.mean(dim=reduce_dims)
-    shape = [1] * x.dim()
-    shape[channel_dim] = x.shape[channel_dim]
-    m2 = values.sub_(mean.view(shape)).square_().sum(dim=reduce_dims)
+    mean, m2 = fused if fused is not None else _partial_moments(x, channel_dim)
     return Moments(count, mean, m2)
 
 

@@ -32,7 +32,7 @@ from meansparse_pl.alpha_search import (
 )
 from meansparse_pl.architecture import network_record
 from meansparse_pl.attacks import options_for, worst_case
-from meansparse_pl.calibration import CalibrationModule, images_of
+from meansparse_pl.calibration import CalibrationModule, images_of, whole_batch_loader
 from meansparse_pl.checkpoint import save_checkpoint
 from meansparse_pl.comparison import compare_models
 from meansparse_pl.config import AttackConfig, ComparedModel, PlacementConfig, ThreatModel, check_alpha
@@ -165,10 +165,12 @@ class MeanSparseTrainer(pl.Trainer):
             start = time.perf_counter()
             sparse = sparsify(model.model, images_of(next(iter(loader)))[:1], placement)
             calibration = CalibrationModule(sparse, state_path=f"{output}.statistics-state")
-            self.predict(calibration, dataloaders=loader, return_predictions=False)
+            shard = whole_batch_loader(loader, self.world_size, self.global_rank)
+            self.predict(calibration, dataloaders=shard, return_predictions=False)
             set_alpha(sparse, alpha)
             summary = {
                 "images": calibration.images,
+                "dtype": calibration.statistics_dtype,
                 "seconds": round(time.perf_counter() - start, 2),
                 "limit_predict_batches": self.limit_predict_batches,
                 "source_checkpoint": checkpoint,

@@ -205,7 +205,9 @@ class _FakeEvaluation:
     def __init__(self) -> None:
         self.calls: list[dict] = []
 
-    def __call__(self, model, dataset, tasks, *, batch_size, seed, state_path=None, trainer=None):
+    def __call__(
+        self, model, dataset, tasks, *, batch_size, seed, state_path=None, trainer=None, distributed=None
+    ):
         ids = [int(dataset[i][0][0]) for i in range(len(dataset))]
         self.calls.append(
             {"alphas": sorted({t.alpha for t in tasks}), "ids": ids, "seed": seed, "batch_size": batch_size}
@@ -689,7 +691,9 @@ def test_per_site_search_keeps_the_site_that_helps_and_leaves_the_one_that_hurts
     from meansparse_pl.alpha_search import PerSite, per_site, schedules, search
 
     class SiteEvaluation(_FakeEvaluation):
-        def __call__(self, model, dataset, tasks, *, batch_size, seed, state_path=None, trainer=None):
+        def __call__(
+            self, model, dataset, tasks, *, batch_size, seed, state_path=None, trainer=None, distributed=None
+        ):
             ids = [int(dataset[i][0][0]) for i in range(len(dataset))]
             self.calls.append({"alphas": [t.alpha for t in tasks]})
             return {
@@ -743,7 +747,9 @@ def test_per_site_search_does_not_keep_a_gain_within_its_paired_standard_error(m
         return u < 0.5
 
     class SiteEvaluation(_FakeEvaluation):
-        def __call__(self, model, dataset, tasks, *, batch_size, seed, state_path=None, trainer=None):
+        def __call__(
+            self, model, dataset, tasks, *, batch_size, seed, state_path=None, trainer=None, distributed=None
+        ):
             ids = [int(dataset[i][0][0]) for i in range(len(dataset))]
             return {t.key: {i: truth(t.alpha, t.attack, sid) for i, sid in enumerate(ids)} for t in tasks}
 

@@ -177,7 +177,7 @@ def test_fused_kernel_failure_falls_back_with_one_warning(monkeypatch, fused_eve
     with pytest.warns(RuntimeWarning, match="falling back"):
         out = op(x)
     assert torch.equal(bits(out), bits(expected))
-    assert not kernels.fused_kernels_enabled()
+    assert not kernels.fused_device(x.device)  # off on this device type only
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert torch.equal(bits(op(x)), bits(expected))  # eager from now on, no further warning
@@ -276,9 +276,10 @@ def test_fused_moments_equal_the_float64_two_pass_formula(case, monkeypatch, fus
     sigma = (m2 / count).sqrt()
     assert ((moments.mean - mean).abs() / torch.maximum(mean.abs(), sigma)).max() < 1e-12
     assert ((moments.m2 - m2).abs() / m2).max() < 1e-12
-    with fused_kernels(False):
+    with fused_kernels(False):  # the eager path: float32 per sample, float64 merge; its contract is 1e-6
         eager = batch_moments(x, channel_dim)
-    assert ((eager.m2 - moments.m2).abs() / m2).max() < 1e-12
+    assert ((eager.mean - moments.mean).abs() / torch.maximum(mean.abs(), sigma)).max() < 1e-6
+    assert ((eager.m2 - moments.m2).abs() / m2).max() < 1e-6
 
 
 def test_fused_and_eager_calibration_agree(fused_everywhere):

@@ -19,7 +19,7 @@ from conftest import (
 )
 from torch import nn
 
-from meansparse_pl import calibrate, set_alpha, sparsify
+from meansparse_pl import calibrate, set_alpha, sparsify, statistics
 from meansparse_pl.calibration import Calibrator
 from meansparse_pl.errors import ConfigurationError, MeanSparseError, PlacementError, StatisticsError
 from meansparse_pl.ops import MeanSparse, operators
@@ -69,17 +69,42 @@ def _features(seed: int = 0) -> torch.Tensor:
     return 1000.0 + torch.arange(5.0).view(1, -1, 1, 1) + 0.01 * torch.randn(64, 5, 3, 3, generator=g)
 
 
+# The eager moments work in float32 per sample and merge in float64 (no float64 copy of an activation); their
+# contract is a relative error of at most 1e-6 against a float64 brute force (means relative to the larger of
+# |mean| and sigma). Measured: about 1e-8, also at values ~1e3 with a spread of 1e-2.
+EAGER = 1e-6
+
+
 def test_batch_moments_equal_the_two_pass_formula():
     x = _features()
     moments = batch_moments(x, 1)
     mean, var, count = reference_moments(x, 1)
     assert moments.mean.dtype == moments.m2.dtype == torch.float64
     assert float(moments.count) == count == 64 * 9
-    assert_relative(moments.mean, mean, 1e-14)
-    assert_relative(moments.var, var, 1e-10)
+    assert_relative(moments.mean, mean, EAGER, scale=var.sqrt())
+    assert_relative(moments.var, var, EAGER)
     last = batch_moments(x.movedim(1, -1), -1)  # same data laid out channels-last
-    assert_relative(last.mean, mean, 1e-14)
-    assert_relative(last.var, var, 1e-10)
+    assert_relative(last.mean, mean, EAGER, scale=var.sqrt())
+    assert_relative(last.var, var, EAGER)
+    exact = batch_moments(x.double(), 1)  # float64 data: float64 throughout
+    assert_relative(exact.mean, mean, 1e-14)
+    assert_relative(exact.var, var, 1e-10)
+
+
+@pytest.mark.parametrize(
+    "shape, channel_dim",
+    [((6, 5, 7, 9), 1), ((4, 11, 13), -1), ((33, 9), 1), ((3, 6, 5, 4), -1), ((5, 4, 3), 0)],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_eager_moments_without_float64_copies_are_within_1e6(shape, channel_dim, dtype, monkeypatch):
+    monkeypatch.setattr(statistics, "PARTIAL_CHUNK_NUMEL", 50)  # several chunks even on these small tensors
+    g = torch.Generator().manual_seed(len(shape) + channel_dim)
+    x = (3.0 + 2.0 * torch.randn(shape, generator=g)).to(dtype)
+    moments = batch_moments(x, channel_dim)
+    mean, var, count = reference_moments(x, channel_dim)
+    assert float(moments.count) == count
+    assert_relative(moments.mean, mean, EAGER, scale=var.sqrt())
+    assert_relative(moments.var, var, EAGER)
 
 
 @pytest.mark.parametrize("split", [1, 17, 32, 63])
@@ -88,12 +113,13 @@ def test_merge_of_two_parts_equals_one_pass(split):
     merged = merge_moments(batch_moments(x[:split], 1), batch_moments(x[split:], 1))
     whole = batch_moments(x, 1)
     assert float(merged.count) == float(whole.count)
-    assert_relative(merged.mean, whole.mean, 1e-14)
-    assert_relative(merged.m2, whole.m2, 1e-10)
-    # merging is symmetric
+    sigma = whole.var.sqrt()
+    assert_relative(merged.mean, whole.mean, EAGER, scale=sigma)
+    assert_relative(merged.m2, whole.m2, EAGER)
+    # merging is symmetric, and exact in float64
     swapped = merge_moments(batch_moments(x[split:], 1), batch_moments(x[:split], 1))
-    assert_relative(swapped.mean, whole.mean, 1e-14)
-    assert_relative(swapped.m2, whole.m2, 1e-10)
+    assert_relative(swapped.mean, merged.mean, 1e-14)
+    assert_relative(swapped.m2, merged.m2, 1e-10)
 
 
 def test_merge_with_an_empty_part_is_the_identity():
@@ -105,7 +131,7 @@ def test_merge_with_an_empty_part_is_the_identity():
     )
     part = batch_moments(x, 1)
     for merged in (merge_moments(empty, part), merge_moments(part, empty)):
-        assert torch.equal(merged.count, part.count)
+        assert float(merged.count) == float(part.count)
         assert torch.equal(merged.mean, part.mean)
         assert torch.equal(merged.m2, part.m2)
     both_empty = merge_moments(empty, empty)
@@ -135,10 +161,10 @@ def test_channel_moments_independent_of_batch_size_and_order(channel_dim):
             results.append(sites[0])
     for result in results:
         assert float(result.count) == count
-        assert_relative(result.mean, mean, 1e-12)
-        assert_relative(result.var, var, 1e-9)  # var ~ 1e-4 at values ~ 1e3: 1e-12 of the scale of x^2
-        assert_relative(result.mean, results[0].mean, 1e-12)
-        assert_relative(result.var, results[0].var, 1e-9)
+        assert_relative(result.mean, mean, EAGER, scale=var.sqrt())
+        assert_relative(result.var, var, EAGER)  # var ~ 1e-4 at values ~ 1e3
+        assert_relative(result.mean, results[0].mean, EAGER, scale=var.sqrt())
+        assert_relative(result.var, results[0].var, EAGER)
 
 
 def test_channel_moments_keep_float64_when_the_model_is_cast():
@@ -150,8 +176,8 @@ def test_channel_moments_keep_float64_when_the_model_is_cast():
     result = metric.compute()[0][0]
     mean, var, _ = reference_moments(x, 1)
     assert result.mean.dtype == torch.float64
-    assert_relative(result.mean, mean, 1e-12, scale=var.sqrt())
-    assert_relative(result.var, var, 1e-12)
+    assert_relative(result.mean, mean, EAGER, scale=var.sqrt())
+    assert_relative(result.var, var, EAGER)
 
 
 # ------------------------------------------------------------------------ calibration vs brute force
@@ -183,25 +209,28 @@ def test_calibrated_statistics_equal_float64_brute_force(name):
 
 def test_statistics_independent_of_batch_size_and_order_end_to_end():
     """Float64 model, so the features themselves do not depend on the batching (float32 convolutions do at
-    the 1e-8 level): the calibrated statistics agree to 1e-12 for batch sizes 1, 7, 64 and a shuffled order."""
+    the 1e-8 level): the statistics, accumulated in float64 and stored in the operators' float32 buffers (which
+    stay float32 when the model is cast), agree to float32 rounding for batch sizes 1, 7, 64 and a shuffled
+    order, and with a float64 brute force."""
     model = sparsify(randomize_batchnorm(FunctionalResNet()).double().eval(), (3, 4, 4)).double()
-    assert operators(model)[0].mean.dtype == torch.float64
+    assert operators(model)[0].mean.dtype == torch.float32
     data = torch.cat(make_batches((3, 4, 4), 64, 64, seed=5)).double()
     runs = []
     for batch_size, shuffle in ((64, False), (1, True), (7, False), (7, True), (64, True)):
         ordered = data[torch.randperm(64, generator=torch.Generator().manual_seed(6))] if shuffle else data
         calibrate(model, list(ordered.split(batch_size)), progress=False)
         runs.append([(op.mean.clone(), op.var.clone(), float(op.count)) for op in operators(model)])
+    float32_rounding = 2.0**-24
     for run in runs[1:]:
         for (mean, var, count), (mean0, var0, count0) in zip(run, runs[0], strict=True):
             assert count == count0 == 64 * 16
-            assert_relative(mean, mean0, 1e-12, scale=var0.sqrt())
-            assert_relative(var, var0, 1e-12)
+            assert_relative(mean, mean0, 2 * float32_rounding, scale=var0.sqrt())
+            assert_relative(var, var0, 2 * float32_rounding)
     captured = capture_operator_inputs(model, [data])
     for op, (mean0, var0, _) in zip(operators(model), runs[0], strict=True):
         mean, var, _ = reference_moments(captured[op], op.channel_dim)
-        assert_relative(mean0, mean, 1e-12, scale=var.sqrt())
-        assert_relative(var0, var, 1e-12)
+        assert_relative(mean0, mean, float32_rounding, scale=var.sqrt())
+        assert_relative(var0, var, float32_rounding)
 
 
 def test_recalibration_replaces_the_statistics():
@@ -337,14 +366,14 @@ def test_collector_statistics_before_finish_are_float64():
     with collector.observing():
         for batch in batches:
             collector.observe(batch)
-    moments = collector.moments.compute()[0]
+    moments = collector.compute()[0]
     assert all(m.mean.dtype == torch.float64 for m in moments)
     assert collector.finish() == 16
     captured = capture_operator_inputs(model, batches)
     for op, m in zip(operators(model), moments, strict=True):
         mean, var, _ = reference_moments(captured[op], op.channel_dim)
-        assert_relative(m.mean, mean, 1e-12, scale=var.sqrt())
-        assert_relative(m.var, var, 1e-12)
+        assert_relative(m.mean, mean, EAGER, scale=var.sqrt())
+        assert_relative(m.var, var, EAGER)
     copy.deepcopy(model)  # operators stay deep-copyable after calibration (no observer closures left)
 
 
@@ -371,8 +400,8 @@ def test_operator_moments_merge_the_stacked_states_of_several_processes():
     for merged, data, dim in ((merged_x, x, 1), (merged_y, y, -1)):
         mean, var, count = reference_moments(data, dim)
         assert float(merged.count) == count
-        assert_relative(merged.mean, mean, 1e-12)
-        assert_relative(merged.var, var, 1e-9)
+        assert_relative(merged.mean, mean, EAGER, scale=var.sqrt())
+        assert_relative(merged.var, var, EAGER)
 
 
 class _BranchyNet(nn.Module):

@@ -68,6 +68,7 @@ class PerSite(Schedule):
         dataset: Dataset,
         trainer: pl.Trainer | None,
         state_path: str | os.PathLike | None,
+        distributed: bool | None = None,
     ) -> AlphaSearchResult:
         count = len(require_operators(model))
         groups = self.groups or [[i] for i in range(count)]
@@ -76,8 +77,9 @@ class PerSite(Schedule):
             raise ConfigurationError(
                 f"groups name operators {outside}, but the model has {count} (0 to {count - 1})."
             )
+        where = {"trainer": trainer, "distributed": distributed}
         overall = Exhaustive().run(
-            search, model, dataset, trainer, None if state_path is None else f"{state_path}.global"
+            search, model, dataset, state_path=None if state_path is None else f"{state_path}.global", **where
         )
         start = self.start if self.start is not None else overall.suggestion()
         current = [start] * count
@@ -86,7 +88,7 @@ class PerSite(Schedule):
         ):  # the global search measured it already, with the same samples and seeds
             verdicts = overall.per_sample[start]
         else:
-            verdicts = self._evaluate(search, model, dataset, trainer, state_path, current)
+            verdicts = self._evaluate(search, model, dataset, state_path, current, **where)
         base_clean = overall.per_sample[0.0]["clean"]
         candidates = self.candidates or list(search.alphas)
         steps: list[dict[str, Any]] = []
@@ -99,7 +101,7 @@ class PerSite(Schedule):
                     if all(current[i] == value for i in group) or evaluations >= self.budget:
                         continue
                     trial = [value if i in group else a for i, a in enumerate(current)]
-                    trial_verdicts = self._evaluate(search, model, dataset, trainer, state_path, trial)
+                    trial_verdicts = self._evaluate(search, model, dataset, state_path, trial, **where)
                     evaluations += 1
                     tried.append(value)
                     drop = paired_comparison(base_clean, trial_verdicts["clean"])[0]
@@ -135,9 +137,10 @@ class PerSite(Schedule):
         search: SearchPlan,
         model: nn.Module,
         dataset: Dataset,
-        trainer: pl.Trainer | None,
         state_path: str | os.PathLike | None,
         alphas: Sequence[float],
+        trainer: pl.Trainer | None,
+        distributed: bool | None,
     ) -> dict[str, PerSample]:
         """Every column of the search with one alpha per operator, on the split in the search's seeded order."""
         label = ",".join(f"{a:g}" for a in alphas)
@@ -156,5 +159,6 @@ class PerSite(Schedule):
             seed=search.seed,
             state_path=state,
             trainer=trainer,
+            distributed=distributed,
         )
         return {t.attack: results[t.key] for t in tasks}

@@ -90,8 +90,10 @@ class Schedule(abc.ABC):
         dataset: Dataset,
         trainer: pl.Trainer | None,
         state_path: str | os.PathLike | None,
+        distributed: bool | None = None,
     ) -> AlphaSearchResult:
-        """Evaluate ``search``'s alphas on ``dataset`` and return its result."""
+        """Evaluate ``search``'s alphas on ``dataset`` and return its result (``trainer`` and ``distributed``
+        as :func:`~meansparse_pl.evaluation.run_tasks` takes them)."""
 
 
 class Exhaustive(Schedule):
@@ -106,6 +108,7 @@ class Exhaustive(Schedule):
         dataset: Dataset,
         trainer: pl.Trainer | None,
         state_path: str | os.PathLike | None,
+        distributed: bool | None = None,
     ) -> AlphaSearchResult:
         num_samples = len(dataset)  # type: ignore[arg-type]
         results = run_tasks(
@@ -116,6 +119,7 @@ class Exhaustive(Schedule):
             seed=search.seed,
             state_path=state_path,
             trainer=trainer,
+            distributed=distributed,
         )
         return search.result(collect(search, results, search.alphas), num_samples, self)
 
@@ -266,6 +270,7 @@ class SuccessiveHalving(Schedule):
         dataset: Dataset,
         trainer: pl.Trainer | None,
         state_path: str | os.PathLike | None,
+        distributed: bool | None = None,
     ) -> AlphaSearchResult:
         num_samples = len(dataset)  # type: ignore[arg-type]
         order = search.sample_order(num_samples)
@@ -299,6 +304,7 @@ class SuccessiveHalving(Schedule):
                 seed=search.seed + done,
                 state_path=None if state_path is None else f"{state_path}.round{index}",
                 trainer=trainer,
+                distributed=distributed,
             )
             for alpha, columns in collect(search, results, survivors).items():
                 for column, values in columns.items():

@@ -168,11 +168,15 @@ class AlphaSearch:
         *,
         trainer: pl.Trainer | None = None,
         state_path: str | os.PathLike | None = None,
+        distributed: bool | None = None,
     ) -> AlphaSearchResult:
         """Evaluate the alphas on ``data`` (the held-out split, never the test set): a Dataset, a DataLoader or
-        a LightningDataModule (its validation split). With ``state_path`` an interrupted search resumes."""
+        a LightningDataModule (its validation split). With ``state_path`` an interrupted search resumes.
+        ``trainer`` / ``distributed``: where it runs, as :func:`~meansparse_pl.evaluation.run_tasks` takes them
+        (without a trainer, every process of an initialised process group takes whole batches of the split and
+        all get the one merged result)."""
         require_operators(model)
-        return self.schedule.run(self, model, dataset_of(data), trainer, state_path)
+        return self.schedule.run(self, model, dataset_of(data), trainer, state_path, distributed)
 
     def result(
         self,

@@ -46,10 +46,12 @@ def check_pgd_args(eps: float, step_size: float, steps: int, norm: str) -> tuple
 def check_box(x: Tensor) -> None:
     # The ball/box projection below is exact only for inputs inside [0, 1]; anything else means the data
     # pipeline normalised the images before the model (the model must do its own normalisation).
-    if x.numel() and (bool(x.min() < 0) or bool(x.max() > 1)):
+    # one reduction and one host read per call (each read is a device sync on a GPU); NaN fails it too
+    if x.numel() and not bool(((x >= 0) & (x <= 1)).all()):
         raise ConfigurationError(
-            f"attack inputs must lie in [0, 1], got values in [{float(x.min()):.3g}, {float(x.max()):.3g}]; "
-            "remove Normalize from the data transforms and let the model normalise its input."
+            f"attack inputs must lie in [0, 1], got values in [{float(x.min()):.3g}, {float(x.max()):.3g}]"
+            f"{' and NaN' if bool(x.isnan().any()) else ''}; remove Normalize from the data transforms and let the "
+            "model normalise its input (images of 0-255 values: divide them by 255; NaN pixels: clean the data)."
         )
 
 

@@ -1,15 +1,17 @@
-"""Fused CPU kernels for the operator and the statistics pass (``torch.compile`` / inductor).
+"""Fused kernels for the operator and the statistics pass (``torch.compile`` / inductor: C++ on CPU, Triton on
+CUDA).
 
 Eager PyTorch needs four elementwise passes for the MeanSparse formula (sub, abs, compare, select) plus a saved
-boolean mask. On CPU, for inputs of at least :data:`FUSED_MIN_NUMEL` elements, the operator instead runs one
+boolean mask. On CPU and CUDA, for inputs of at least :data:`FUSED_MIN_NUMEL` elements, the operator instead runs one
 compiled kernel that evaluates the very same formula per element in a single pass (the same IEEE operations in
 the same order, so the outputs are bit-identical; see tests/test_speed_paths.py), and in ``exact`` mode
 recomputes the band in a fused backward kernel from the saved input instead of storing a mask. The kernels
 write into output memory that is reused once nothing refers to it any more (:class:`OutputCache`): on CPU,
 first-touching freshly allocated memory costs more than the pass itself. :func:`set_fused_kernels` (or
 ``MEANSPARSE_FUSED_KERNELS=0``) switches the fused kernels off; inside ``torch.compile`` / ``torch.jit``
-tracing the plain formula is used so the surrounding compiler sees ordinary operations. Other devices use the
-eager formula.
+tracing the plain formula is used so the surrounding compiler sees ordinary operations. Other devices, and CUDA
+without Triton, use the eager formula; where a kernel cannot be compiled on a device, that device falls back to
+the eager formula with one warning (the values are the same).
 
 Activation fusion. Even one pass is a read and a write of every activation, about 5% of a ResNet-18 forward on
 CPU. Placement therefore hands the ReLU / ReLU6 / LeakyReLU that follows an operator to the operator itself
@@ -45,6 +47,9 @@ FUSED_MIN_NUMEL = 1 << 17
 _FUSED = {
     "enabled": os.environ.get("MEANSPARSE_FUSED_KERNELS", "1").strip().lower() not in ("0", "false", "no")
 }
+FUSED_DEVICE_TYPES = ("cpu", "cuda")
+"""Device types with fused kernels (inductor's C++ backend on CPU, Triton on CUDA)."""
+_FAILED_DEVICE_TYPES: set[str] = set()  # a kernel failed to compile or run there: eager from then on
 _COMPILED: dict[tuple, Callable] = {}
 
 
@@ -52,9 +57,12 @@ def set_fused_kernels(enabled: bool) -> bool:
     """Switch the fused CPU kernels on or off for this process; returns the previous setting.
 
     Both paths compute the same values bit for bit; the switch exists for benchmarking and as an escape hatch.
+    Switching on also retries the device types where a kernel had failed.
     """
     previous = _FUSED["enabled"]
     _FUSED["enabled"] = bool(enabled)
+    if enabled:
+        _FAILED_DEVICE_TYPES.clear()
     return previous
 
 
@@ -168,7 +176,7 @@ def _compile(fn: Callable, variant: tuple) -> Callable:
 
 def run_compiled(fn: Callable, *args: torch.Tensor) -> tuple[bool, object]:
     """Run ``fn`` as a fused kernel: ``(True, its result)``, or ``(False, None)`` (and the fused path switched
-    off, with one warning) if compiling or running it fails."""
+    off on that device type, with one warning) if compiling or running it fails."""
     variant = tuple((a.dtype, tuple(size == 1 for size in a.shape)) for a in args)
     key = (fn, variant)  # the function object itself: kernels made per activation share a qualname
     compiled = _COMPILED.get(key)
@@ -177,11 +185,12 @@ def run_compiled(fn: Callable, *args: torch.Tensor) -> tuple[bool, object]:
             compiled = _COMPILED[key] = _compile(fn, variant)
         with torch.no_grad():  # one grad mode for every call: dynamo guards on it
             return True, compiled(*args)
-    except Exception as error:  # no C++ compiler, an unsupported dtype, ...: the eager path is just as exact
-        _FUSED["enabled"] = False
+    except Exception as error:  # no C++ compiler / Triton, an unsupported dtype, ...: eager is just as exact
+        device_type = args[0].device.type
+        _FAILED_DEVICE_TYPES.add(device_type)
         warnings.warn(
-            f"MeanSparse: a fused CPU kernel failed ({type(error).__name__}: {str(error)[:200]}); "
-            "falling back to the eager implementation (same values, slower).",
+            f"MeanSparse: a fused {device_type} kernel failed ({type(error).__name__}: {str(error)[:200]}); "
+            f"falling back to the eager implementation on {device_type} (same values, slower).",
             RuntimeWarning,
             stacklevel=3,
         )
@@ -190,6 +199,33 @@ def run_compiled(fn: Callable, *args: torch.Tensor) -> tuple[bool, object]:
 
 def tracing() -> bool:
     return torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.jit.is_scripting()
+
+
+def transformed() -> bool:
+    """Whether a ``torch.func`` transform (grad, vmap, jacrev, ...) is active: the eager Functions run then."""
+    return torch._C._are_functorch_transforms_active()
+
+
+@functools.cache
+def _has_triton() -> bool:
+    try:
+        from torch.utils._triton import has_triton
+    except ImportError:  # pragma: no cover - every supported torch has it
+        return False
+    return bool(has_triton())
+
+
+def fused_device(device: torch.device) -> bool:
+    """Whether the fused kernels are used on ``device`` (switch on, a supported type, nothing failed there)."""
+    kind = device.type
+    if not _FUSED["enabled"] or kind not in FUSED_DEVICE_TYPES or kind in _FAILED_DEVICE_TYPES:
+        return False
+    return kind == "cpu" or _has_triton()
+
+
+def kernel_path(device: torch.device | str) -> str:
+    """``"fused"`` or ``"eager"``: which implementation large inputs on ``device`` take now (for reports)."""
+    return "fused" if fused_device(torch.device(device)) else "eager"
 
 
 def _alias(t: torch.Tensor, size: Sequence[int], stride: Sequence[int]) -> torch.Tensor:
@@ -245,7 +281,9 @@ class OutputCache:
     def empty_like(self, x: torch.Tensor) -> torch.Tensor:
         """An uninitialised tensor with ``x``'s shape, strides, dtype and device."""
         size, stride = tuple(x.shape), tuple(x.stride())
-        if self.per_geometry < 1:
+        if (
+            self.per_geometry < 1 or x.device.type != "cpu"
+        ):  # accelerators have caching allocators of their own
             return torch.empty_strided(size, stride, dtype=x.dtype, device=x.device)
         key = (size, stride, x.dtype, x.device)
         with self._lock:  # check and hand out atomically: two threads never get the same memory
@@ -281,8 +319,7 @@ def release_cached_outputs() -> None:
 
 def fused_applicable(x: torch.Tensor) -> bool:
     return (
-        _FUSED["enabled"]
-        and x.device.type == "cpu"
+        fused_device(x.device)
         and x.numel() >= max(FUSED_MIN_NUMEL, 1)
         and x.dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16)
     )

@@ -10,7 +10,9 @@ dtype, device and rank, and rebuilt whenever a buffer changes.
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -32,6 +34,16 @@ from meansparse_pl.ops.kernels import FusedActivation
 
 def _identity(t: torch.Tensor) -> torch.Tensor:
     return t
+
+
+def _as_float32(value: float) -> float:
+    """``value`` as the float32 alpha buffer holds it, computed on the host (reading the buffer back would be a
+    device sync)."""
+    return struct.unpack("f", struct.pack("f", value))[0]
+
+
+#: the buffers that define the band; they stay float32 under every module cast
+BAND_BUFFERS = ("mean", "var", "alpha")
 
 
 def _readable(value: object, shape: tuple[int, ...]) -> bool:
@@ -84,15 +96,17 @@ class MeanSparse(nn.Module):
         self.temperature = check_number("temperature", temperature, minimum=0.0, strict=True)
         self.activation = activation
         self.site_name = ""  # set by placement, used in error messages
-        self.register_buffer("mean", torch.zeros(num_channels))
-        self.register_buffer("var", torch.ones(num_channels))
-        # int64: model.half() must not turn a count of millions of elements into float16 inf
+        # float32 whatever the default dtype (Lightning's bf16-true / 16-true create modules under a half
+        # default) and whatever the module is later cast to (see _apply); int64 for the count, so model.half()
+        # never turns a count of millions of elements into float16 inf
+        self.register_buffer("mean", torch.zeros(num_channels, dtype=torch.float32))
+        self.register_buffer("var", torch.ones(num_channels, dtype=torch.float32))
         self.register_buffer("count", torch.zeros((), dtype=torch.int64))
-        self.register_buffer("alpha", torch.tensor(check_alpha(alpha)))
+        self.register_buffer("alpha", torch.tensor(check_alpha(alpha), dtype=torch.float32))
         # Host-side copies of alpha and "calibrated", so forward never reads a device tensor (a GPU sync and
         # a torch.compile graph break per operator per call). Kept in step by set_alpha, set_statistics and
         # state-dict loading; write the buffers only through those.
-        self._alpha_value = float(self.alpha)
+        self._alpha_value = _as_float32(check_alpha(alpha))
         self._calibrated = False
         # While calibration runs, the observer sees every input and the operator passes it through untouched
         # (set and cleared by meansparse_pl.calibration.Calibrator).
@@ -105,13 +119,38 @@ class MeanSparse(nn.Module):
         state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
         return {**state, "_band_cache": {}}  # copies and pickles rebuild the band on first use
 
+    def _apply(self, fn: Callable, *args: Any, **kwargs: Any) -> MeanSparse:
+        """Move the buffers with the module but never change their dtype: ``model.half()``,
+        ``model.to(torch.bfloat16)`` and Lightning's ``bf16-true`` / ``16-true`` cast the network, while the
+        band (mean, variance, alpha) keeps its float32 values, so the band test is the float32 one and alpha
+        stays exactly what was set (bf16 would read 0.4004 for 0.4)."""
+        kept = {name: self._buffers.pop(name) for name in BAND_BUFFERS if self._buffers.get(name) is not None}
+        try:
+            super()._apply(fn, *args, **kwargs)
+        finally:
+            for name, buffer in kept.items():
+                moved = fn(buffer)
+                if (
+                    moved.dtype != buffer.dtype
+                ):  # a cast: only the device (and memory) of fn's result is taken
+                    moved = buffer.to(device=moved.device)
+                self._buffers[name] = moved
+        self._band_cache = {}
+        return self
+
     @property
     def is_calibrated(self) -> bool:
         return self._calibrated
 
+    @property
+    def alpha_value(self) -> float:
+        """The operator's alpha (the float32 buffer's value), read without touching the device."""
+        return self._alpha_value
+
     def set_alpha(self, alpha: float) -> None:
-        self.alpha.fill_(check_alpha(alpha))
-        self._alpha_value = float(self.alpha)
+        value = check_alpha(alpha)
+        self.alpha.fill_(value)
+        self._alpha_value = _as_float32(value)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         # A state dict may come from a file: its statistics and alpha are checked before they are copied in, so
@@ -158,8 +197,9 @@ class MeanSparse(nn.Module):
         self._check_statistics(mean, var, self.site_name or "a MeanSparse operator", "")
         self.mean.copy_(mean.to(self.mean))
         self.var.copy_(var.to(self.var))
-        self.count.fill_(int(round(float(count))))
-        self._calibrated = bool(self.count > 0)
+        elements = int(round(float(count)))
+        self.count.fill_(elements)
+        self._calibrated = elements > 0
 
     # --------------------------------------------------------------------------------------- forward
     def _band_is_current(self, entry: tuple) -> bool:
@@ -259,7 +299,9 @@ class MeanSparse(nn.Module):
         if self._alpha_value == 0.0:
             return activate(x)
         band = self.band(x)
-        if kernels.tracing():  # torch.compile / jit see the plain formula inside an autograd.Function
+        if kernels.tracing() or kernels.transformed():
+            # torch.compile / jit see the plain formula inside an autograd.Function; torch.func transforms the
+            # eager Functions (their vmap rule is generated)
             return activate(self._with_gradient(x, band))
         fused = kernels.fused_applicable(x) and kernels.canonical(x, self.channel_dim) is not None
         if not (x.requires_grad and torch.is_grad_enabled()):  # inference: no autograd Function needed
@@ -278,11 +320,11 @@ class MeanSparse(nn.Module):
             # where the relaxation is the identity: a tiny width keeps it finite
             width = (band.threshold * (self.temperature / self._alpha_value)).clamp_min(1e-12)
             return SurrogateSparsify.apply(x, band.centre, band.threshold, width)
-        return SPARSIFY_BY_MODE[self.backward_mode].apply(x, band.centre, band.threshold)
+        return SPARSIFY_BY_MODE[self.backward_mode](x, band.centre, band.threshold)
 
     def extra_repr(self) -> str:
         return (
-            f"channels={self.num_channels}, channel_dim={self.channel_dim}, alpha={float(self.alpha):g}, "
+            f"channels={self.num_channels}, channel_dim={self.channel_dim}, alpha={self._alpha_value:g}, "
             f"centre={self.centre}, backward={self.backward_mode}"
             + (f"(temperature={self.temperature:g})" if self.backward_mode == "surrogate" else "")
             + f", calibrated={self.is_calibrated}"

@@ -45,7 +45,7 @@ def set_alpha(model: nn.Module, alpha: float | Sequence[float]) -> None:
 
 def alphas_of(model: nn.Module) -> list[float]:
     """Every operator's alpha, in the order of :func:`operators`."""
-    return [float(op.alpha) for op in require_operators(model)]
+    return [op.alpha_value for op in require_operators(model)]
 
 
 def get_alpha(model: nn.Module) -> float:
@@ -75,7 +75,7 @@ def set_backward_mode(model: nn.Module, mode: BackwardMode, temperature: float |
 def temporary_alpha(model: nn.Module, alpha: float | None = None) -> Iterator[nn.Module]:
     """Every operator's alpha back as it was on exit; with ``alpha``, every operator at that value inside, e.g.
     ``with temporary_alpha(m, 0.0):`` for the base model. A model without operators passes through."""
-    previous = [(op, float(op.alpha)) for op in operators(model)]
+    previous = [(op, op.alpha_value) for op in operators(model)]
     try:
         if alpha is not None:
             for op, _ in previous:
