@@ -69,7 +69,7 @@ def choice(found: AlphaSearchResult, selection: str) -> float:
 
 
 def quiet_trainer() -> pl.Trainer:
-    """The evaluation Trainer of ``evaluation._default_trainer`` without the progress bar."""
+    """The evaluation Trainer of ``evaluation.single_device_trainer`` on the CPU, without the progress bar."""
     return pl.Trainer(
         accelerator="cpu",
         devices=1,

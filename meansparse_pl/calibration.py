@@ -309,6 +309,9 @@ class CalibrationModule(pl.LightningModule):
         self.calibrator: Calibrator | None = None
         self._skip = 0
         self._observing = contextlib.ExitStack()
+        self._finished = False
+        # fewer batches than processes: a process without a batch still merges (see finish_without_batches)
+        self.allow_zero_length_dataloader_with_multiple_devices = True
 
     def _state_file(self) -> Path | None:
         return None if self.state_path is None else Path(f"{self.state_path}.rank{self.global_rank}")
@@ -321,6 +324,7 @@ class CalibrationModule(pl.LightningModule):
     def on_predict_start(self) -> None:
         self.calibrator = Calibrator(self.model, distributed=self.trainer.world_size > 1)
         self._skip = 0
+        self._finished = False
         path = self._state_file()
         if path is not None and path.is_file():
             saved = self._saved_state(path)
@@ -388,9 +392,20 @@ class CalibrationModule(pl.LightningModule):
             "run the same command again to resume"
         )
 
+    def finish_without_batches(self, trainer: pl.Trainer) -> None:
+        """Call after ``trainer.predict``: a process that had no batch (Lightning then skips every hook) still
+        enters the merge the others entered at the end of their pass."""
+        if not self._finished:
+            self.calibrator = Calibrator(self.model, distributed=trainer.world_size > 1)
+            self._finish()
+
     def on_predict_end(self) -> None:
         self._observing.close()
+        self._finish()
+
+    def _finish(self) -> None:
         assert self.calibrator is not None
+        self._finished = True
         self.images = self.calibrator.finish()
         self.statistics_dtype = dtype_name(self.calibrator.dtype)
         path = self._state_file()

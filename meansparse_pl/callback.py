@@ -47,6 +47,7 @@ from meansparse_pl.config import (
     check_optional_positive_int,
 )
 from meansparse_pl.errors import ConfigurationError
+from meansparse_pl.evaluation import single_device_trainer
 from meansparse_pl.io import atomic_write, atomic_write_json, atomic_write_text, safe_load
 from meansparse_pl.ops import operators, set_alpha
 from meansparse_pl.placement import describe, get_preset
@@ -247,7 +248,12 @@ class AlphaSearchCallback(pl.Callback):
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         meansparse = self.meansparse_callback(trainer)
-        self.result = self.run(pl_module.model, trainer.datamodule, distributed=trainer.world_size > 1)
+        # every process on its own device, with the fit's progress-bar setting, merged over the fit's processes
+        progress = trainer.is_global_zero and trainer.progress_bar_callback is not None
+        here = single_device_trainer(pl_module.model, progress=progress)
+        self.result = self.run(
+            pl_module.model, trainer.datamodule, trainer=here, distributed=trainer.world_size > 1
+        )
         alpha = self.result.suggestion()
         set_alpha(pl_module.model, alpha)
         if trainer.is_global_zero:
@@ -270,13 +276,17 @@ class AlphaSearchCallback(pl.Callback):
         trainer.strategy.barrier("alpha_search_saved")
 
     def run(
-        self, model: nn.Module, datamodule: pl.LightningDataModule, distributed: bool | None = None
+        self,
+        model: nn.Module,
+        datamodule: pl.LightningDataModule,
+        trainer: pl.Trainer | None = None,
+        distributed: bool | None = None,
     ) -> AlphaSearchResult:
-        """The sweep on the first ``limit_samples`` images of the datamodule's held-out split (``distributed``:
-        every process takes part, see :meth:`AlphaSearch.run <meansparse_pl.alpha_search.AlphaSearch.run>`)."""
+        """The sweep on the first ``limit_samples`` images of the datamodule's held-out split (``trainer`` and
+        ``distributed`` as :meth:`AlphaSearch.run <meansparse_pl.alpha_search.AlphaSearch.run>` takes them)."""
         datamodule.setup("fit")
         held_out = first_samples(datamodule.val_dataloader().dataset, self.limit_samples)
-        return self.search.run(model, held_out, distributed=distributed)
+        return self.search.run(model, held_out, trainer=trainer, distributed=distributed)
 
     def write(self, result: AlphaSearchResult, folder: Path) -> None:
         """alpha_search.md / .json / .png in ``folder``."""

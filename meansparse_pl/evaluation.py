@@ -203,12 +203,19 @@ class EvaluationModule(pl.LightningModule):
         self.fingerprint = fingerprint
         self.rank = rank
         # filled once, in gathered(): each rank's rows are merged by one gather per task at the end
+        # rows are flat float64 [index, correct, index, correct, ...]: a process without rows then gathers
+        # torchmetrics' empty placeholder of the same rank and dtype
         self.rows = nn.ModuleDict(
-            {self._metric_name(t.key): CatMetric(sync_on_compute=sync) for t in self.tasks}
+            {
+                self._metric_name(t.key): CatMetric(sync_on_compute=sync).set_dtype(torch.float64)
+                for t in self.tasks
+            }
         )
         self.state: ResumeState | None = None
         self.initial_alphas: list[float] | None = None
         self.seen: list[int] = []  # the sample indices this process evaluated
+        # fewer batches than processes: a process without a batch still takes part in the merge (gathered)
+        self.allow_zero_length_dataloader_with_multiple_devices = True
 
     @staticmethod
     def _metric_name(key: str) -> str:
@@ -305,21 +312,20 @@ class EvaluationModule(pl.LightningModule):
     def gathered(self) -> dict[str, dict[int, bool]]:
         """Per task, index -> correct, over all processes: every process enters each task's gather (one that
         evaluated nothing with zero rows), so none waits for another that skipped it."""
-        assert self.state is not None
         out: dict[str, dict[int, bool]] = {}
         for task in self.tasks:
             metric = self.rows[self._metric_name(task.key)]
-            mine = self.state.results.get(task.key, {})
+            mine = self.state.results.get(task.key, {}) if self.state is not None else {}
             rows = torch.tensor([[float(i), float(mine[i])] for i in self.seen], dtype=torch.float64)
-            metric.update(rows.reshape(-1, 2).to(self.device))
+            metric.update(rows.reshape(-1).to(self.device))
             rows = metric.compute().reshape(-1, 2).cpu()
             out[task.key] = {int(i): bool(c) for i, c in rows.tolist()}
         return out
 
 
-def _default_trainer(model: nn.Module, progress: bool) -> pl.Trainer:
-    """A one-device Trainer where the model is: its GPU for a model on a GPU (under DDP, each rank's own), else
-    Lightning's choice."""
+def single_device_trainer(model: nn.Module, progress: bool = True) -> pl.Trainer:
+    """A one-device Trainer for evaluating ``model`` where it is: its GPU for a model on a GPU (under DDP, each
+    rank's own), else Lightning's choice; with or without a progress bar."""
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     where: dict[str, Any] = {"accelerator": "auto", "devices": 1}
     if device.type == "cuda":
@@ -362,7 +368,7 @@ def run_tasks(
         sync = merge_across_processes(distributed) if trainer is None else bool(distributed)
         world_size, rank = process_group_size_and_rank() if sync else (1, 0)
     if trainer is None:
-        trainer = _default_trainer(model, progress=rank == 0)
+        trainer = single_device_trainer(model, progress=rank == 0)
     if getattr(trainer.predict_loop, "inference_mode", False):
         raise ConfigurationError("evaluation needs gradients: build the Trainer with inference_mode=False.")
     if len(dataset) == 0:  # type: ignore[arg-type]

@@ -167,6 +167,7 @@ class MeanSparseTrainer(pl.Trainer):
             calibration = CalibrationModule(sparse, state_path=f"{output}.statistics-state")
             shard = whole_batch_loader(loader, self.world_size, self.global_rank)
             self.predict(calibration, dataloaders=shard, return_predictions=False)
+            calibration.finish_without_batches(self)
             set_alpha(sparse, alpha)
             summary = {
                 "images": calibration.images,

@@ -41,11 +41,13 @@ def main(devices: int, trained: str, out: str) -> None:
         enable_progress_bar=False,
         enable_model_summary=False,
     )
-    model = AdversarialClassifier(
-        backbone="small_cnn", backbone_kwargs={"activation": "relu", "channels": [16, 32], "hidden": 64}
-    )
-    data = FashionMNISTDataModule(
-        train_subset=101, val_subset=40, calibration_subset=None, batch_size=16, eval_batch_size=16
+    data = FashionMNISTDataModule(train_subset=101, val_subset=40, batch_size=16, eval_batch_size=16)
+    model = AdversarialClassifier(  # the network of the demo config, as the CLI links it to the data
+        backbone="small_cnn",
+        backbone_kwargs={"activation": "relu", "channels": [16, 32], "hidden": 64},
+        in_channels=1,
+        normalization=data.normalization,
+        eps=0.1,
     )
     sparse = str(folder / "meansparse.pt")
     trainer.postprocess(model, data, checkpoint=trained, output=sparse)
