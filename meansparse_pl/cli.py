@@ -32,6 +32,7 @@ from lightning.pytorch import LightningDataModule
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 
 from meansparse_pl import preemption
+from meansparse_pl.determinism import float32_reference_math
 from meansparse_pl.errors import Interrupted, MeanSparseError
 from meansparse_pl.module import AdversarialClassifier
 from meansparse_pl.steps import check_options
@@ -129,8 +130,13 @@ class MeanSparseCLI(LightningCLI):
         """Check the subcommand's own options before the model and the data are built (a bad attack name or
         batch size is one line at once, not after the loading)."""
         subcommand = self.subcommand
+        config = self.config[subcommand] if subcommand is not None else self.config
         if subcommand is not None:
-            check_options(subcommand, self.config[subcommand])
+            check_options(subcommand, config)
+        if config.get("trainer", {}).get(
+            "deterministic"
+        ):  # Lightning's flags, plus no TF32 (see determinism)
+            float32_reference_math()
 
     def _record_network(self) -> None:
         """Tell the trainer which ``--network`` was given (class path and init arguments, as text), so the
