@@ -335,7 +335,7 @@ def test_imagenet_statistics_configs_parse(config, capsys):
         main(["postprocess", "--config", str(config), "--print_config"])
     assert exit_info.value.code == 0
     printed = capsys.readouterr().out
-    assert "strategy: ddp" in printed and "precision: bf16-mixed" in printed
+    assert "strategy: ddp" in printed and "precision: 32-true" in printed
 
 
 class _PublishedSmallCNN(torch.nn.Module):
