@@ -26,7 +26,6 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from meansparse_pl import preemption
@@ -35,7 +34,7 @@ from meansparse_pl.errors import CheckpointError, ConfigurationError, DataNotFou
 from meansparse_pl.io import atomic_torch_save, safe_load, state_digest
 from meansparse_pl.modes import eval_mode
 from meansparse_pl.ops import MeanSparse, require_operators
-from meansparse_pl.sharding import WholeBatchSampler, merge_across_processes
+from meansparse_pl.sharding import merge_across_processes
 from meansparse_pl.statistics import Moments, OperatorMoments
 
 
@@ -122,10 +121,9 @@ class Calibrator:
     ) -> None:
         self.model = model
         self.operators: list[MeanSparse] = require_operators(model)
-        first = next((p for p in model.parameters()), None)
-        self.device = torch.device(device) if device is not None else self.operators[0].mean.device
-        if device is None and first is not None:
-            self.device = first.device
+        # the input layer's device (a model without parameters: its first operator's)
+        default = next((p.device for p in model.parameters()), self.operators[0].mean.device)
+        self.device = torch.device(device) if device is not None else default
         floating = [p.dtype for p in model.parameters() if p.is_floating_point()]
         self.dtype: torch.dtype = floating[0] if floating else torch.float32
         sync = merge_across_processes(distributed)
@@ -273,24 +271,10 @@ def calibrate(
     )
 
 
-def whole_batch_loader(loader: DataLoader, world_size: int, rank: int) -> DataLoader:
-    """``loader``'s data set, batch size and workers, with this process's whole batches of its order."""
-    batch_size = loader.batch_size or 1
-    sampler = WholeBatchSampler(len(loader.dataset), batch_size, world_size, rank)  # type: ignore[arg-type]
-    return DataLoader(
-        loader.dataset,
-        batch_size=batch_size,
-        sampler=sampler,
-        num_workers=loader.num_workers,
-        collate_fn=loader.collate_fn,
-        pin_memory=loader.pin_memory,
-    )
-
-
 class CalibrationModule(pl.LightningModule):
     """The :class:`Calibrator` inside Lightning's predict loop (``cli.py postprocess``): the Trainer provides
     devices and the progress bar; give it a loader of whole batches per process
-    (:func:`whole_batch_loader`); the statistics are merged at the end. Under a mixed-precision Trainer the pass
+    (:func:`meansparse_pl.sharding.whole_batches_of`); the statistics are merged at the end. Under a mixed-precision Trainer the pass
     runs with autocast off (the :class:`Calibrator`'s precision rule), so ``postprocess`` and the
     ``MeanSparseCallback`` collect the same statistics.
 

@@ -52,7 +52,7 @@ from meansparse_pl.io import atomic_write, atomic_write_json, atomic_write_text,
 from meansparse_pl.ops import operators, set_alpha
 from meansparse_pl.placement import describe, get_preset
 from meansparse_pl.placement import sparsify as place_operators
-from meansparse_pl.sharding import WholeBatchSampler
+from meansparse_pl.sharding import whole_batch_loader
 from meansparse_pl.steps import first_samples
 
 
@@ -151,11 +151,11 @@ class MeanSparseCallback(pl.Callback):
                 "without augmentation); use one of meansparse_pl.data's datamodules."
             )
         base = datamodule.calibration_dataloader()
-        batch_size = self.batch_size or base.batch_size or 128
-        return DataLoader(
+        return whole_batch_loader(
             base.dataset,
-            batch_size=batch_size,
-            sampler=WholeBatchSampler(len(base.dataset), batch_size, trainer.world_size, trainer.global_rank),
+            self.batch_size or base.batch_size or 128,
+            trainer.world_size,
+            trainer.global_rank,
             num_workers=base.num_workers,
             pin_memory=torch.cuda.is_available(),
         )

@@ -38,7 +38,7 @@ from meansparse_pl.errors import CheckpointError, ConfigurationError, Interrupte
 from meansparse_pl.io import atomic_torch_save, state_digest
 from meansparse_pl.modes import eval_mode
 from meansparse_pl.ops import MeanSparse, alphas_of, operators, set_alpha, temporary_alpha
-from meansparse_pl.sharding import WholeBatchSampler, merge_across_processes, process_group_size_and_rank
+from meansparse_pl.sharding import merge_across_processes, process_group_size_and_rank, whole_batch_loader
 
 
 class IndexedDataset(Dataset):
@@ -59,10 +59,7 @@ def indexed_loader(
     dataset: Dataset, batch_size: int, num_workers: int = 0, world_size: int = 1, rank: int = 0
 ) -> DataLoader:
     """This process's whole batches of ``(image, label, index)`` (see :mod:`meansparse_pl.sharding`)."""
-    sampler = WholeBatchSampler(len(dataset), batch_size, world_size, rank)  # type: ignore[arg-type]
-    return DataLoader(
-        IndexedDataset(dataset), batch_size=batch_size, sampler=sampler, num_workers=num_workers
-    )
+    return whole_batch_loader(IndexedDataset(dataset), batch_size, world_size, rank, num_workers=num_workers)
 
 
 @dataclass(frozen=True)
@@ -202,9 +199,8 @@ class EvaluationModule(pl.LightningModule):
         self.state_path = state_path
         self.fingerprint = fingerprint
         self.rank = rank
-        # filled once, in gathered(): each rank's rows are merged by one gather per task at the end
-        # rows are flat float64 [index, correct, index, correct, ...]: a process without rows then gathers
-        # torchmetrics' empty placeholder of the same rank and dtype
+        # filled once, in gathered(), with flat float64 rows [index, correct, index, correct, ...]: one gather
+        # per task, and a process without rows gathers torchmetrics' empty placeholder of the same rank and dtype
         self.rows = nn.ModuleDict(
             {
                 self._metric_name(t.key): CatMetric(sync_on_compute=sync).set_dtype(torch.float64)

@@ -13,9 +13,10 @@ random starts, whenever W changes.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import torch.distributed as dist
-from torch.utils.data import DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from meansparse_pl.errors import ConfigurationError
 
@@ -85,3 +86,26 @@ class WholeBatchSampler(DistributedSampler):
 
     def set_epoch(self, epoch: int) -> None:  # the order never changes
         self.epoch = epoch
+
+
+def whole_batch_loader(
+    dataset: Dataset, batch_size: int, world_size: int, rank: int, **options: Any
+) -> DataLoader:
+    """A DataLoader over this process's whole batches of ``dataset`` (``options``: the DataLoader's others, e.g.
+    ``num_workers``)."""
+    sampler = WholeBatchSampler(len(dataset), batch_size, world_size, rank)  # type: ignore[arg-type]
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, **options)
+
+
+def whole_batches_of(loader: DataLoader, world_size: int, rank: int) -> DataLoader:
+    """``loader``'s data set, batch size, workers, collation and pinning, with this process's whole batches of
+    its order."""
+    return whole_batch_loader(
+        loader.dataset,
+        loader.batch_size or 1,
+        world_size,
+        rank,
+        num_workers=loader.num_workers,
+        collate_fn=loader.collate_fn,
+        pin_memory=loader.pin_memory,
+    )

@@ -110,13 +110,10 @@ def _partial_moments(x: Tensor, channel_dim: int) -> tuple[Tensor, Tensor]:
         var, mean = torch.var_mean(x.to(work) - shift, dim=dims, correction=0)
         count = x.numel() // x.shape[channel_dim]
         return shift.view(-1).double() + mean.double(), var.double() * count
-    rest = [d - 1 for d in dims[1:]]  # the axes of one sample, channel excluded
+    within = dims[1:]  # the axes of one sample, channel excluded
     per_sample = x.numel() // (x.shape[0] * x.shape[channel_dim])
     step = max(1, PARTIAL_CHUNK_NUMEL // max(x[0].numel(), 1))
-    parts = [
-        torch.var_mean(chunk.to(work) - shift, dim=[d + 1 for d in rest], correction=0)
-        for chunk in x.split(step)
-    ]
+    parts = [torch.var_mean(chunk.to(work) - shift, dim=within, correction=0) for chunk in x.split(step)]
     var = torch.cat([p[0] for p in parts]).double()  # (N, C)
     mean = torch.cat([p[1] for p in parts]).double()
     total = mean.mean(dim=0)

@@ -32,7 +32,7 @@ from meansparse_pl.alpha_search import (
 )
 from meansparse_pl.architecture import network_record
 from meansparse_pl.attacks import options_for, worst_case
-from meansparse_pl.calibration import CalibrationModule, images_of, whole_batch_loader
+from meansparse_pl.calibration import CalibrationModule, images_of
 from meansparse_pl.checkpoint import save_checkpoint
 from meansparse_pl.comparison import compare_models
 from meansparse_pl.config import AttackConfig, ComparedModel, PlacementConfig, ThreatModel, check_alpha
@@ -55,6 +55,7 @@ from meansparse_pl.report import (
     channel_histogram,
     summarise,
 )
+from meansparse_pl.sharding import whole_batches_of
 from meansparse_pl.steps import (
     calibrated_model,
     check_data_fits,
@@ -165,7 +166,7 @@ class MeanSparseTrainer(pl.Trainer):
             start = time.perf_counter()
             sparse = sparsify(model.model, images_of(next(iter(loader)))[:1], placement)
             calibration = CalibrationModule(sparse, state_path=f"{output}.statistics-state")
-            shard = whole_batch_loader(loader, self.world_size, self.global_rank)
+            shard = whole_batches_of(loader, self.world_size, self.global_rank)
             self.predict(calibration, dataloaders=shard, return_predictions=False)
             calibration.finish_without_batches(self)
             set_alpha(sparse, alpha)

@@ -37,7 +37,7 @@ def _channels_last(x: torch.Tensor) -> bool:
     """Whether ``x`` is a 4-D channels_last tensor (never asked of functorch's wrapped tensors)."""
     return (
         x.dim() == 4
-        and not torch._C._are_functorch_transforms_active()
+        and not kernels.transformed()
         and not x.is_contiguous()
         and x.is_contiguous(memory_format=torch.channels_last)
     )
@@ -54,7 +54,7 @@ def _in_layout(grad: torch.Tensor, channels_last: bool) -> torch.Tensor:
 def zero_inside(grad: torch.Tensor, inside: torch.Tensor) -> torch.Tensor:
     """``grad`` with the band's entries zeroed, in the layout of ``inside`` (the input's). Recorded by autograd
     when the backward itself is differentiated; otherwise written straight into input-layout memory."""
-    if torch.is_grad_enabled() or torch._C._are_functorch_transforms_active():
+    if torch.is_grad_enabled() or kernels.transformed():
         return torch.where(inside, torch.zeros((), dtype=grad.dtype, device=grad.device), grad)
     out = torch.empty_like(inside, dtype=grad.dtype)
     return torch.where(inside, torch.zeros((), dtype=grad.dtype, device=grad.device), grad, out=out)

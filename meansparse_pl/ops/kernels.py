@@ -281,9 +281,8 @@ class OutputCache:
     def empty_like(self, x: torch.Tensor) -> torch.Tensor:
         """An uninitialised tensor with ``x``'s shape, strides, dtype and device."""
         size, stride = tuple(x.shape), tuple(x.stride())
-        if (
-            self.per_geometry < 1 or x.device.type != "cpu"
-        ):  # accelerators have caching allocators of their own
+        # accelerators have caching allocators of their own
+        if self.per_geometry < 1 or x.device.type != "cpu":
             return torch.empty_strided(size, stride, dtype=x.dtype, device=x.device)
         key = (size, stride, x.dtype, x.device)
         with self._lock:  # check and hand out atomically: two threads never get the same memory

@@ -130,9 +130,8 @@ class MeanSparse(nn.Module):
         finally:
             for name, buffer in kept.items():
                 moved = fn(buffer)
-                if (
-                    moved.dtype != buffer.dtype
-                ):  # a cast: only the device (and memory) of fn's result is taken
+                # a cast: only the device (and memory) of fn's result is taken
+                if moved.dtype != buffer.dtype:
                     moved = buffer.to(device=moved.device)
                 self._buffers[name] = moved
         self._band_cache = {}

@@ -17,8 +17,9 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset, TensorDataset
 
 from meansparse_pl import ThreatModel, calibrate, operators, set_alpha, sparsify
-from meansparse_pl.calibration import CalibrationModule, whole_batch_loader
+from meansparse_pl.calibration import CalibrationModule
 from meansparse_pl.evaluation import EvaluationTask, run_tasks
+from meansparse_pl.sharding import whole_batches_of
 
 NUM_SAMPLES = 37  # odd: 2 processes get 19 and 18 samples, a padding sampler would repeat one
 
@@ -57,7 +58,7 @@ def main(devices: int, output: str) -> None:
     )
     sparse = sparsify(model, dataset[0][0][None])
     calibration = CalibrationModule(sparse)
-    shard = whole_batch_loader(DataLoader(dataset, batch_size=5), trainer.world_size, trainer.global_rank)
+    shard = whole_batches_of(DataLoader(dataset, batch_size=5), trainer.world_size, trainer.global_rank)
     trainer.predict(calibration, dataloaders=shard, return_predictions=False)
     calibration.finish_without_batches(trainer)
     set_alpha(sparse, 0.3)
