@@ -31,7 +31,8 @@ from tqdm.auto import tqdm
 from meansparse_pl import preemption
 from meansparse_pl.config import check_optional_positive_int
 from meansparse_pl.errors import CheckpointError, ConfigurationError, DataNotFoundError, StatisticsError
-from meansparse_pl.io import atomic_torch_save, safe_load, state_digest
+from meansparse_pl.inputs import InputProblems, check_images
+from meansparse_pl.io import atomic_torch_save, batch_digest, safe_load, state_digest
 from meansparse_pl.modes import eval_mode
 from meansparse_pl.ops import MeanSparse, require_operators
 from meansparse_pl.sharding import merge_across_processes
@@ -144,8 +145,10 @@ class Calibrator:
         ]
         self.expected_shape = expected_input_shape(model)
         self.batches = 0
-        # the first batch with a non-finite pixel, tracked on the images' device: no host sync per batch
-        self._first_bad_batch: torch.Tensor | None = None
+        self._checked_first = False
+        # every batch's pixels, checked where the data is and read once by finish(): a per-batch check would be
+        # a host read each batch (a device sync on a GPU)
+        self.problems = InputProblems(sync_on_compute=sync).to(self.device)
 
     @contextlib.contextmanager
     def observing(self) -> Iterator[Calibrator]:
@@ -165,15 +168,13 @@ class Calibrator:
         """Feed one batch (a tensor, ``(images, labels)`` or a dict) through the model."""
         images = images_of(batch)
         where = f"calibration batch {self.batches}"
+        if not self._checked_first:  # the first batch in full, at once (one host read)
+            images = check_images(images, where=where, input_shape=self.expected_shape, dtype=self.dtype)
+            self._checked_first = True
         check_input_shape(self.expected_shape, images, where)
-        # remembered where the data is and reported by finish(): a per-batch check would be a host read each
-        # batch (a device sync on a GPU)
-        bad = ~torch.isfinite(images).all()
-        if self._first_bad_batch is None:
-            self._first_bad_batch = torch.full((), -1, dtype=torch.int64, device=images.device)
-        first = self._first_bad_batch
-        self._first_bad_batch = torch.where(bad & (first < 0), self.batches, first)
-        images = images.to(self.device, dtype=self.dtype, non_blocking=True)
+        images = images.to(self.device, non_blocking=True)
+        self.problems.update(images, batch=self.batches)
+        images = images.to(self.dtype)
         for group in self.groups:
             group.moments.update(images)
         with torch.autocast(self.device.type, enabled=False):
@@ -199,11 +200,10 @@ class Calibrator:
 
     def finish(self) -> int:
         """Write mean / var / count into every operator; returns the number of images seen (all processes)."""
-        if self._first_bad_batch is not None and int(self._first_bad_batch) >= 0:  # one sync, at the end
-            raise StatisticsError(
-                f"calibration batch {int(self._first_bad_batch)} contains NaN or Inf pixels; clean the data "
-                "before calibrating."
-            )
+        with warnings.catch_warnings():  # a process without a batch still takes part in the merge
+            warnings.filterwarnings("ignore", message=".*was called before the ``update`` method.*")
+            self.problems.verify("calibration")  # one host read, at the end
+        self.problems.reset()
         sites, images = self.compute()
         if images == 0:
             raise DataNotFoundError(
@@ -281,7 +281,9 @@ class CalibrationModule(pl.LightningModule):
     With ``state_path``, a stop requested by SIGTERM / SIGUSR1 saves the moments gathered so far (one file per
     process) and raises :class:`~meansparse_pl.errors.Interrupted`; the same run started again skips the
     batches already seen and continues from those moments, so the statistics are exactly those of an
-    uninterrupted pass. A state written for another model or data is ignored (it is only a head start).
+    uninterrupted pass. A state written for another model is ignored (it is only a head start); each batch's
+    content digest is saved with it, so a resumed pass over other data or in another order (another
+    ``data.seed``) starts over instead of mixing two passes.
     """
 
     def __init__(self, model: nn.Module, state_path: str | os.PathLike | None = None) -> None:
@@ -294,6 +296,8 @@ class CalibrationModule(pl.LightningModule):
         self._skip = 0
         self._observing = contextlib.ExitStack()
         self._finished = False
+        self._digests: list[str] = []  # content digest of each batch this pass read, in order
+        self._saved_digests: list[str] = []  # those of the batches a resumed state had seen
         # fewer batches than processes: a process without a batch still merges (see finish_without_batches)
         self.allow_zero_length_dataloader_with_multiple_devices = True
 
@@ -309,6 +313,8 @@ class CalibrationModule(pl.LightningModule):
         self.calibrator = Calibrator(self.model, distributed=self.trainer.world_size > 1)
         self._skip = 0
         self._finished = False
+        self._digests = []
+        self._saved_digests = []
         path = self._state_file()
         if path is not None and path.is_file():
             saved = self._saved_state(path)
@@ -317,6 +323,7 @@ class CalibrationModule(pl.LightningModule):
                     group.moments.moments.copy_(moments)
                     group.moments.images.fill_(float(saved["images"]))
                 self.calibrator.batches = self._skip = int(saved["batches"])
+                self._saved_digests = list(saved["batch_digests"])
                 rank_zero_info(f"MeanSparse statistics: resuming after {self._skip} batches ({path})")
             else:
                 rank_zero_info(
@@ -343,12 +350,43 @@ class CalibrationModule(pl.LightningModule):
             and isinstance(images, float)
             and isinstance(batches, int)
             and 0 <= batches <= self.trainer.num_predict_batches[0]
+            and isinstance(saved.get("batch_digests"), list)
+            and len(saved["batch_digests"]) == batches
         )
         return saved if fits else None
 
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+        # a resumable pass identifies each batch's content here, while it is still on the host, so that a resumed
+        # pass can tell that it reads the same data in the same order
+        if self.state_path is not None:
+            self._digests.append(batch_digest(images_of(batch)))
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
+
+    def _same_data_as_saved(self, batch_idx: int) -> bool:
+        """Whether the batch skipped on resume is the one the saved moments saw. The first batch differing
+        starts the pass over (other data or another order, e.g. another data.seed); a later one cannot be
+        undone from the merged moments, so it is an error."""
+        if batch_idx >= len(self._digests) or self._digests[batch_idx] == self._saved_digests[batch_idx]:
+            return True
+        if batch_idx > 0:
+            raise ConfigurationError(
+                f"the statistics state {self._state_file()} was saved by a pass whose batch {batch_idx} held other "
+                "images than this one (the data changed while it was interrupted); delete it to start afresh."
+            )
+        rank_zero_info(
+            f"MeanSparse statistics: {self._state_file()} was saved by a pass over other data or another order "
+            "(data.seed?); starting over"
+        )
+        assert self.calibrator is not None
+        self._observing.close()
+        self.calibrator = Calibrator(self.model, distributed=self.trainer.world_size > 1)
+        self._observing.enter_context(self.calibrator.observing())
+        self._skip = 0
+        return False
+
     def predict_step(self, batch: Any, batch_idx: int) -> None:
         assert self.calibrator is not None
-        if batch_idx < self._skip:
+        if batch_idx < self._skip and self._same_data_as_saved(batch_idx):
             return
         try:
             self.calibrator.observe(batch)
@@ -362,12 +400,14 @@ class CalibrationModule(pl.LightningModule):
         path = self._state_file()
         if path is None:
             return f"the statistics pass stopped on {signal_name}; nothing was kept, run it again"
+        self.calibrator.problems.verify("calibration")  # a resumed pass does not see these batches again
         atomic_torch_save(
             {
                 "fingerprint": self._fingerprint(),
                 "moments": [m.detach().cpu() for m in self.calibrator.state()],
                 "images": float(self.calibrator.groups[0].moments.images),
                 "batches": self.calibrator.batches,
+                "batch_digests": self._digests[: self.calibrator.batches],
             },
             path,
         )

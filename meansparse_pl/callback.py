@@ -48,7 +48,7 @@ from meansparse_pl.config import (
 )
 from meansparse_pl.errors import ConfigurationError
 from meansparse_pl.evaluation import single_device_trainer
-from meansparse_pl.io import atomic_write, atomic_write_json, atomic_write_text, safe_load
+from meansparse_pl.io import safe_load, write_report
 from meansparse_pl.ops import operators, set_alpha
 from meansparse_pl.placement import describe, get_preset
 from meansparse_pl.placement import sparsify as place_operators
@@ -97,7 +97,22 @@ class MeanSparseCallback(pl.Callback):
         self.saved_path: Path | None = None
         self.summary: dict[str, Any] = {}
 
-    # ------------------------------------------------------------------------------------------- the hook
+    # ------------------------------------------------------------------------------------------ the hooks
+    def output_file(self, trainer: pl.Trainer) -> Path:
+        """Where the sparsified checkpoint goes."""
+        return Path(self.output_path or os.path.join(trainer.default_root_dir, "meansparse.pt"))
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """An earlier run's checkpoint at the output is moved aside (``<name>.previous``): a fit that stops
+        before its end leaves no MeanSparse checkpoint that looks like its own for the next step to use."""
+        path = self.output_file(trainer)
+        if trainer.is_global_zero and path.is_file():
+            previous = path.with_name(path.name + ".previous")
+            os.replace(path, previous)
+            rank_zero_info(
+                f"MeanSparse: moved the earlier {path} to {previous}; this fit writes a new one at its end"
+            )
+
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.use_best_checkpoint:
             best = getattr(trainer.checkpoint_callback, "best_model_path", "")
@@ -125,7 +140,7 @@ class MeanSparseCallback(pl.Callback):
             "seconds": round(summary.seconds, 2),
             "dtype": summary.dtype,
         }
-        path = Path(self.output_path or os.path.join(trainer.default_root_dir, "meansparse.pt"))
+        path = self.output_file(trainer)
         if trainer.is_global_zero:
             architecture = pl_module.architecture() if hasattr(pl_module, "architecture") else None
             self.save(sparse, path, architecture)
@@ -290,9 +305,4 @@ class AlphaSearchCallback(pl.Callback):
 
     def write(self, result: AlphaSearchResult, folder: Path) -> None:
         """alpha_search.md / .json / .png in ``folder``."""
-        atomic_write_text(folder / "alpha_search.md", result.table() + "\n")
-        atomic_write_json(folder / "alpha_search.json", result.to_json())
-        figure = result.plot()
-        atomic_write(
-            folder / "alpha_search.png", lambda handle: figure.savefig(handle, format="png", dpi=120)
-        )
+        write_report(folder, "alpha_search", result, result.plot())

@@ -18,7 +18,7 @@ from torch import nn
 
 from meansparse_pl.architecture import build_registry_model, check_architecture, network_options
 from meansparse_pl.errors import RECREATE_FILE, CheckpointError, MeanSparseError, StatisticsError
-from meansparse_pl.io import atomic_torch_save, load_error_detail, safe_load
+from meansparse_pl.io import atomic_torch_save, file_version, load_error_detail, safe_load
 from meansparse_pl.ops import MeanSparse, operators
 from meansparse_pl.placement import Placement, placement_of, sparsify_like
 
@@ -63,6 +63,28 @@ def save_checkpoint(
         "metadata": metadata or {},
     }
     return atomic_torch_save(payload, path)
+
+
+def resave_checkpoint(
+    model: nn.Module,
+    path: str | os.PathLike,
+    *,
+    read_version: tuple[int, int, int] | None,
+    metadata: dict[str, Any],
+) -> Path:
+    """Save ``model`` over the checkpoint it was loaded from, keeping the file's architecture record and metadata
+    (updated with ``metadata``). Refused when the file is no longer the version read (``read_version``, from
+    :func:`~meansparse_pl.io.file_version`): another program rewrote it meanwhile, and its update would be
+    lost."""
+    if file_version(path) != read_version:
+        raise CheckpointError(
+            f"{path} was rewritten by another program since it was read, so nothing was stored in it (that "
+            "program's file is kept); run the step again on the new file."
+        )
+    payload = safe_load(path)
+    record = payload.get("meansparse") if isinstance(payload.get("meansparse"), dict) else {}
+    merged = {**(payload.get("metadata") or {}), **metadata}
+    return save_checkpoint(model, path, architecture=record.get("architecture"), metadata=merged)
 
 
 def model_state(

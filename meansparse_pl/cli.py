@@ -24,16 +24,19 @@ from __future__ import annotations
 
 import logging
 import re
+import signal
 import sys
-from typing import Any
+from typing import Any, NoReturn
 
 from jsonargparse import DefaultHelpFormatter
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from meansparse_pl import preemption
 from meansparse_pl.determinism import float32_reference_math
 from meansparse_pl.errors import Interrupted, MeanSparseError
+from meansparse_pl.lightning_runs import check_lightning_checkpoint
 from meansparse_pl.module import AdversarialClassifier
 from meansparse_pl.steps import check_options
 from meansparse_pl.trainer import MeanSparseTrainer
@@ -76,6 +79,21 @@ class HelpFormatter(DefaultHelpFormatter):
         return [text if len(text) <= width else text[: max(width - 3, 1)] + "..."]
 
 
+class OneLineErrorParser(LightningArgumentParser):
+    """A parsing error is a short usage line and one ``error:`` line (jsonargparse's own prints the whole usage,
+    some 50 lines, and a message over several lines, so the last line is not the error)."""
+
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        if not self.exit_on_error:
+            super().error(message, ex)
+        parser = getattr(ex, "subcommand_parser", None) or self
+        prog = parser.prog.replace(" [options]", "")
+        sys.stderr.write(
+            f"usage: {prog} [options] (every option: {prog} --help)\nerror: {_one_line(message)}\n"
+        )
+        sys.exit(EXIT_USER_ERROR)
+
+
 class QuietLightning(logging.Filter):
     """Drop Lightning's advertising tip and its lines about accelerators that are not there."""
 
@@ -101,6 +119,7 @@ class MeanSparseCLI(LightningCLI):
         kwargs.setdefault("datamodule_class", LightningDataModule)
         kwargs.setdefault("subclass_mode_data", True)
         kwargs.setdefault("trainer_class", MeanSparseTrainer)
+        kwargs.setdefault("parser_class", OneLineErrorParser)
         kwargs.setdefault("trainer_defaults", {"inference_mode": False})
         kwargs.setdefault("auto_configure_optimizers", False)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
@@ -125,6 +144,14 @@ class MeanSparseCLI(LightningCLI):
             "evaluate": {"model", "datamodule"},
             "compare": {"model", "datamodule"},
         }
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
+        """LightningCLI's parsing, then a ``--ckpt_path`` file checked before LightningCLI reads its
+        hyper-parameters (a truncated checkpoint: one line, not torch's traceback)."""
+        super().parse_arguments(parser, args)
+        subcommand = self.config.get("subcommand")
+        if subcommand and self.config[subcommand].get("ckpt_path"):
+            check_lightning_checkpoint(self.config[subcommand]["ckpt_path"])
 
     def before_instantiate_classes(self) -> None:
         """Check the subcommand's own options before the model and the data are built (a bad attack name or
@@ -183,12 +210,34 @@ def main(args: ArgsType = None) -> MeanSparseCLI:
     except MeanSparseError as err:
         print(f"error: {_one_line(err)}", file=sys.stderr)
         sys.exit(EXIT_USER_ERROR)
+    except MisconfigurationException as err:  # Lightning's refusal of a Trainer setting: a user's error too
+        print(f"error: {_one_line(err)}{_trainer_fix(str(err))}", file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)
     except Interrupted as stop:
         print(f"stopped: {_one_line(stop)}", file=sys.stderr)
         sys.exit(128 + stop.signal_number)
+    except KeyboardInterrupt:
+        print(
+            "stopped: interrupted by Ctrl-C (SIGINT); run the same command again to resume", file=sys.stderr
+        )
+        sys.exit(128 + signal.SIGINT)
     finally:
         lightning_info.removeFilter(quiet)
 
 
+def _trainer_fix(message: str) -> str:
+    """The fix Lightning's message leaves out."""
+    text = message.lower()
+    if any(word in text for word in ("gpu", "cuda", "accelerator", "backend", "mps", "tpu")):
+        return "; this machine lacks that accelerator: use --trainer.accelerator=cpu (or auto)"
+    return "; check the --trainer.* options (cli.py SUBCOMMAND --help lists them)"
+
+
 def _one_line(message: object) -> str:
-    return " ".join(str(message).split())  # one line, whatever the message's own line breaks
+    """One line, whatever the message's own line breaks; an error re-raised from a DataLoader worker process
+    keeps only its own message, not the worker's traceback that PyTorch puts in front of it."""
+    text = str(message)
+    if "Original Traceback" in text:
+        last = [line for line in text.splitlines() if line.strip()][-1]
+        text = re.sub(r"^[\w.]+(Error|Exception): ", "", last.strip())
+    return " ".join(text.split())

@@ -97,6 +97,19 @@ def check_alpha(alpha: Any) -> float:
     return float(alpha)
 
 
+def check_distinct(name: str, values: Sequence[float]) -> list[float]:
+    """``values`` sorted and without repeats, refusing two that print the same (``f"{v:g}"``, the form the
+    reports and result keys use), since no report could tell them apart."""
+    unique = sorted(set(values))
+    for low, high in zip(unique, unique[1:], strict=False):
+        if f"{low:g}" == f"{high:g}":
+            raise ConfigurationError(
+                f"{name} {low!r} and {high!r} are the same to 6 significant digits ({low:g}), so the reports "
+                "could not tell them apart; keep one of them."
+            )
+    return unique
+
+
 def check_norm(norm: Any) -> str:
     if norm not in NORMS:
         raise ConfigurationError(f"norm must be one of {NORMS}, got {norm!r}; use 'Linf' or 'L2'.")

@@ -42,6 +42,11 @@ class DataFormatError(MeanSparseError, ValueError):
     """A data file exists but is not in the expected format (bad magic number, truncated, wrong shape)."""
 
 
+class PixelRangeError(DataFormatError, ConfigurationError):
+    """Images outside [0, 1] or not finite: bad data, and usually a data pipeline's setting (Normalize in the
+    transforms, 0-255 pixels), so it is both kinds of error."""
+
+
 class OutputError(MeanSparseError, OSError):
     """A file or folder cannot be written where it was asked to go (a directory, no permission, another run)."""
 

@@ -15,29 +15,36 @@ sample's index in the data set, so
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import signal
 import time
+import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset
 from torchmetrics import CatMetric
 
 from meansparse_pl import preemption
 from meansparse_pl.attacks import run_attack
-from meansparse_pl.config import ThreatModel
-from meansparse_pl.errors import CheckpointError, ConfigurationError, Interrupted
-from meansparse_pl.io import atomic_torch_save, state_digest
+from meansparse_pl.calibration import expected_input_shape
+from meansparse_pl.errors import ConfigurationError, DataFormatError, Interrupted
+from meansparse_pl.evaluation_state import EvaluationTask, ResumeState, fingerprint_of
+from meansparse_pl.inputs import (
+    InputProblems,
+    check_finite_logits,
+    check_images,
+    check_labels,
+    logits_of,
+    sample_pair,
+)
+from meansparse_pl.io import batch_digest
 from meansparse_pl.modes import eval_mode
-from meansparse_pl.ops import MeanSparse, alphas_of, operators, set_alpha, temporary_alpha
+from meansparse_pl.ops import alphas_of, operators, set_alpha, temporary_alpha
 from meansparse_pl.sharding import merge_across_processes, process_group_size_and_rank, whole_batch_loader
 
 
@@ -51,7 +58,7 @@ class IndexedDataset(Dataset):
         return len(self.dataset)  # type: ignore[arg-type]
 
     def __getitem__(self, index: int) -> tuple[Tensor, Tensor, int]:
-        image, label = self.dataset[index][:2]
+        image, label = sample_pair(self.dataset[index], index)
         return image, torch.as_tensor(label), index
 
 
@@ -60,108 +67,6 @@ def indexed_loader(
 ) -> DataLoader:
     """This process's whole batches of ``(image, label, index)`` (see :mod:`meansparse_pl.sharding`)."""
     return whole_batch_loader(IndexedDataset(dataset), batch_size, world_size, rank, num_workers=num_workers)
-
-
-@dataclass(frozen=True)
-class EvaluationTask:
-    """One thing to measure on every sample: an attack (or ``clean``) under one model setting.
-
-    ``key`` names the result (e.g. ``"alpha=0.2/apgd-ce"``); ``alpha`` is set on every operator before the
-    attack runs, so several settings of the same model share one data pass.
-    """
-
-    key: str
-    attack: str
-    threat: ThreatModel
-    options: dict[str, Any] = field(default_factory=dict)
-    # one alpha for every operator, one per operator (in the order of ``operators``), or None: the operators'
-    # alphas as they were when the run started
-    alpha: float | tuple[float, ...] | None = None
-    # a cascade step: attack only the samples every one of these tasks (earlier in the list) found correct; the
-    # others are already broken and count as not robust
-    after: tuple[str, ...] = ()
-
-
-class ResumeState:
-    """Finished per-sample results of one run, saved atomically after every batch (one file per process)."""
-
-    def __init__(self, path: str | os.PathLike | None, fingerprint: str, rank: int = 0) -> None:
-        self.path = None if path is None else Path(f"{path}.rank{rank}")
-        self.fingerprint = fingerprint
-        self.results: dict[str, dict[int, bool]] = {}
-        if self.path is not None and self.path.exists():
-            try:
-                saved = torch.load(self.path, weights_only=True)
-            except Exception as error:
-                raise CheckpointError(
-                    f"evaluation state {self.path} is unreadable ({type(error).__name__}); delete it to restart."
-                ) from error
-            results = saved.get("results") if isinstance(saved, dict) else None
-            if not isinstance(results, dict) or not all(
-                isinstance(k, str) and isinstance(v, dict) and all(isinstance(i, int) for i in v)
-                for k, v in results.items()
-            ):
-                raise CheckpointError(
-                    f"evaluation state {self.path} is not a state file of this package; delete it."
-                )
-            if saved.get("fingerprint") != fingerprint:
-                raise ConfigurationError(
-                    f"evaluation state {self.path} belongs to a different run (model, data or attack settings "
-                    "changed); delete it or choose another state path."
-                )
-            self.results = {k: {int(i): bool(c) for i, c in v.items()} for k, v in results.items()}
-
-    def done(self, key: str, indices: Sequence[int]) -> bool:
-        finished = self.results.get(key, {})
-        return all(int(i) in finished for i in indices)
-
-    def record(self, key: str, indices: Sequence[int], correct: Sequence[bool]) -> None:
-        target = self.results.setdefault(key, {})
-        for i, c in zip(indices, correct, strict=True):
-            target[int(i)] = bool(c)
-
-    def save(self) -> None:
-        if self.path is not None:
-            atomic_torch_save({"fingerprint": self.fingerprint, "results": self.results}, self.path)
-
-
-def _selected_indices(dataset: Dataset) -> list[int] | None:
-    """The samples of the underlying data set that a (possibly nested) ``Subset`` selects, in its order."""
-    indices: list[int] | None = None
-    while isinstance(dataset, Subset):
-        outer = [int(i) for i in dataset.indices]
-        indices = outer if indices is None else [outer[i] for i in indices]
-        dataset = dataset.dataset
-    return indices
-
-
-def fingerprint_of(model: nn.Module, tasks: Sequence[EvaluationTask], dataset: Dataset, seed: int) -> str:
-    """Hash of everything that changes the numbers: weights and buffers, tasks, which samples in which order
-    (for subsets), data size, seed.
-
-    The operators' alpha buffers (found by module type, so a parameter that happens to be called ``alpha``,
-    like ``PSSiLU.alpha``, still counts as a weight) are part of each task instead: a task that sets alpha
-    records its value, a task that keeps the model's records the model's values."""
-    operator_alphas = {
-        f"{name}.alpha" if name else "alpha" for name, m in model.named_modules() if isinstance(m, MeanSparse)
-    }
-    model_alphas = [op.alpha_value for op in operators(model)]
-    digest = state_digest(model.state_dict(), skip=operator_alphas)
-    spec = [
-        (
-            t.key,
-            t.attack,
-            t.threat.eps,
-            t.threat.norm,
-            sorted(t.options.items()),
-            model_alphas if t.alpha is None else t.alpha,
-            *([list(t.after)] if t.after else []),  # a cascade step depends on the tasks before it
-        )
-        for t in tasks
-    ]
-    num_samples = len(dataset)  # type: ignore[arg-type]
-    digest.update(json.dumps([spec, num_samples, seed, _selected_indices(dataset)], default=str).encode())
-    return digest.hexdigest()[:16]
 
 
 class EvaluationModule(pl.LightningModule):
@@ -210,6 +115,10 @@ class EvaluationModule(pl.LightningModule):
         self.state: ResumeState | None = None
         self.initial_alphas: list[float] | None = None
         self.seen: list[int] = []  # the sample indices this process evaluated
+        self.attacked = 0  # attacks run on a batch (not taken from the resume state)
+        self.problems = InputProblems(sync_on_compute=sync)  # every batch's input check, read once at the end
+        self.num_classes: int | None = None  # read from the model's output on the first batch
+        self._digests: list[str | None] = []  # content digests of the batches moved to the device, in order
         # fewer batches than processes: a process without a batch still takes part in the merge (gathered)
         self.allow_zero_length_dataloader_with_multiple_devices = True
 
@@ -221,20 +130,60 @@ class EvaluationModule(pl.LightningModule):
         self.initial_alphas = alphas_of(self.model) if operators(self.model) else None
         self.model.eval()
         self.state = ResumeState(self.state_path, self.fingerprint, self.rank)
+        if self.state.restarted:
+            rank_zero_info(
+                f"evaluate: {self.state.path} holds a finished run with other settings; evaluating afresh"
+            )
         self.seen = []
+        self.attacked = 0
+        self.num_classes = None
+        self._digests = []
+        self.problems.reset()
         for metric in self.rows.values():
             metric.reset()
 
     def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
-        # the sample indices stay on the host: reading them back from a GPU would be a sync per batch
+        # the sample indices stay on the host: reading them back from a GPU would be a sync per batch; the
+        # content digest of a resumable run is taken here too, while the batch is still on the host
         images, labels, indices = batch
-        return images.to(device, non_blocking=True), labels.to(device, non_blocking=True), indices
+        if self.state_path is not None and isinstance(images, Tensor) and isinstance(labels, Tensor):
+            self._digests.append(batch_digest(images, labels))
+        else:
+            self._digests.append(None)
+        images = images.to(device, non_blocking=True) if isinstance(images, Tensor) else images
+        return images, labels.to(device, non_blocking=True), indices
+
+    def _checked(self, images: Any, labels: Tensor, batch_idx: int) -> Tensor:
+        """The input contract (:mod:`meansparse_pl.inputs`): the first batch in full, with one forward pass
+        to read the model's class count; every batch cheaply, read once at the end (:meth:`gathered`)."""
+        dtype = next((p.dtype for p in self.model.parameters() if p.is_floating_point()), torch.float32)
+        if self.num_classes is None:
+            where = f"evaluation batch {batch_idx}"
+            images = check_images(
+                images, where=where, input_shape=expected_input_shape(self.model), dtype=dtype
+            )
+            with torch.no_grad():
+                logits = logits_of(self.model(images[:2]), min(2, images.shape[0]), where=where)
+            check_finite_logits(logits, where=where)
+            self.num_classes = int(logits.shape[1])
+            check_labels(labels, self.num_classes, images.shape[0], where=where)
+        elif images.dtype == torch.float64 and dtype != torch.float64:
+            images = images.to(dtype)
+        self.problems.update(images, labels, self.num_classes, batch=batch_idx)
+        return images
 
     def predict_step(self, batch: Any, batch_idx: int) -> None:
         images, labels, indices = batch
+        images = self._checked(images, labels, batch_idx)
         index_list = [int(i) for i in indices.tolist()]
         self.seen += index_list
         assert self.state is not None
+        digest = self._digests[batch_idx] if batch_idx < len(self._digests) else None
+        if not self.state.same_batch(index_list, digest):
+            rank_zero_info(
+                f"evaluate: the batch from sample {index_list[0]} holds other images or labels than the saved "
+                f"state {self.state.path} recorded; attacking it again"
+            )
         # verdicts are kept as Python lists on the host: the bookkeeping (cascade survivors, resume state,
         # progress lines) never reads a device tensor; each attack costs one copy of its verdicts
         batch_verdicts: dict[str, list[bool]] = {}
@@ -243,7 +192,11 @@ class EvaluationModule(pl.LightningModule):
                 correct = [self.state.results[task.key][i] for i in index_list]
             else:
                 started = time.perf_counter()
-                correct = self._attack(task, images, labels, index_list, batch_verdicts)
+                try:
+                    correct = self._attack(task, images, labels, index_list, batch_verdicts)
+                except DataFormatError as error:  # the attack's own input check: say which batch
+                    raise type(error)(f"evaluation batch {batch_idx}: {error}") from None
+                self.attacked += 1
                 self.state.record(task.key, index_list, correct)
                 self.state.save()  # after every attack: an interruption loses at most one attack on one batch
                 # one batch can hold many minutes of attacks (AutoAttack on CPU): say what finished, so the
@@ -308,6 +261,9 @@ class EvaluationModule(pl.LightningModule):
     def gathered(self) -> dict[str, dict[int, bool]]:
         """Per task, index -> correct, over all processes: every process enters each task's gather (one that
         evaluated nothing with zero rows), so none waits for another that skipped it."""
+        with warnings.catch_warnings():  # a process without a batch still takes part in the merge
+            warnings.filterwarnings("ignore", message=".*was called before the ``update`` method.*")
+            self.problems.verify("evaluation", self.num_classes)
         out: dict[str, dict[int, bool]] = {}
         for task in self.tasks:
             metric = self.rows[self._metric_name(task.key)]
@@ -367,9 +323,15 @@ def run_tasks(
         trainer = single_device_trainer(model, progress=rank == 0)
     if getattr(trainer.predict_loop, "inference_mode", False):
         raise ConfigurationError("evaluation needs gradients: build the Trainer with inference_mode=False.")
+    limit = trainer.limit_predict_batches  # an int counts batches, a float is a fraction
+    if limit is not None and not (isinstance(limit, float) and limit == 1.0):
+        raise ConfigurationError(
+            f"trainer.limit_predict_batches is {trainer.limit_predict_batches}, so only part of the samples would "
+            "be evaluated; leave it at 1.0 and choose the samples with limit_samples instead."
+        )
     if len(dataset) == 0:  # type: ignore[arg-type]
         raise ConfigurationError("the evaluation data set is empty.")
-    fingerprint = fingerprint_of(model, tasks, dataset, seed)
+    fingerprint = fingerprint_of(model, tasks, dataset, seed, str(trainer.precision))
     ResumeState(state_path, fingerprint, rank)  # another run's state is refused before anything runs
     module = EvaluationModule(
         model,
@@ -385,6 +347,13 @@ def run_tasks(
     with temporary_alpha(model), eval_mode(model):
         trainer.predict(module, dataloaders=loader, return_predictions=False)
         results = module.gathered()
+    if module.state is not None and module.state.path is not None:
+        if module.seen and module.attacked == 0:
+            rank_zero_info(
+                f"evaluate: every result was in {module.state.path} for the same model, images, labels and "
+                "settings; nothing was attacked again (delete the state file to recompute)"
+            )
+        module.state.save(finished=True)
     expected = len(dataset)  # type: ignore[arg-type]
     for key, per_sample in results.items():
         if len(per_sample) != expected:

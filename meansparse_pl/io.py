@@ -24,15 +24,42 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) ->
     """Write through ``write(file)`` into a temporary file beside ``path``, fsync, then rename over it.
 
     A path that is a directory, or a place that cannot be written, is one OutputError before anything is
-    written."""
-    path = Path(path)
+    written; a write that fails part-way (a full disk) is one OutputError naming the path, with the earlier
+    file, if any, left as it was."""
+    return atomic_write_files({path: write})[0]
+
+
+def atomic_write_files(files: Mapping[str | os.PathLike, Callable[[IO[bytes]], None]]) -> list[Path]:
+    """Write several files as one: every file into its temporary file first, and only when all of them are
+    complete, each renamed over its final name. A failure (a full disk) leaves every earlier file as it was, so a
+    report never ends up as a new ``.md`` beside an old ``.json``."""
+    written: list[tuple[Path, str]] = []
+    try:
+        for target, write in files.items():
+            path = Path(target)
+            written.append((path, _write_temporary(path, write)))
+        for path, tmp in written:
+            os.replace(tmp, path)
+    except BaseException:
+        for _, tmp in written:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+        raise
+    return [path for path, _ in written]
+
+
+TEMPORARY_SUFFIX = ".tmp"
+
+
+def _write_temporary(path: Path, write: Callable[[IO[bytes]], None]) -> str:
+    """``write`` into a new, fsynced temporary file beside ``path`` (``.<name>.<random>.tmp``); its name."""
     if path.is_dir():
         raise OutputError(
             f"{path} is a directory; give a file name inside it, e.g. {path / 'meansparse.pt'}."
         )
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMPORARY_SUFFIX, dir=path.parent)
     except OSError as error:
         raise OutputError(
             f"cannot write {path} ({error.strerror or type(error).__name__}); choose a location you can write to."
@@ -42,12 +69,53 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) ->
             write(handle)
             handle.flush()
             os.fsync(handle.fileno())
-        os.replace(tmp, path)
+    except (OSError, RuntimeError) as error:  # torch.save reports a failed write as a RuntimeError
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        reason = (
+            error.strerror if isinstance(error, OSError) and error.strerror else "the write failed part-way"
+        )
+        kept = f"the earlier {path.name} is unchanged" if path.exists() else f"no {path.name} was written"
+        raise OutputError(
+            f"cannot write {path} ({reason}: a full disk?); free space on its device or choose another location, "
+            f"and run again ({kept})."
+        ) from None
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-    return path
+    return tmp
+
+
+def remove_leftover_temporaries(folder: str | os.PathLike, name: str | None = None) -> list[Path]:
+    """Delete the temporary files an atomic write killed mid-way (SIGKILL, power loss) left in ``folder``
+    (only those of ``name`` when given). Call it only while holding the folder's lock: a live writer's file
+    looks the same."""
+    pattern = f".{name}.*{TEMPORARY_SUFFIX}" if name is not None else f".*{TEMPORARY_SUFFIX}"
+    removed = []
+    for leftover in Path(folder).glob(pattern):
+        with contextlib.suppress(OSError):
+            leftover.unlink()
+            removed.append(leftover)
+    return removed
+
+
+def write_report(folder: str | os.PathLike, stem: str, result: Any, figure: Any | None = None) -> list[Path]:
+    """``<stem>.md`` (``result.table()``), ``<stem>.json`` (``result.to_json()``) and, with a matplotlib
+    ``figure``, ``<stem>.png`` in ``folder``, written as one (:func:`atomic_write_files`)."""
+    folder = Path(folder)
+    files: dict[Path, Callable[[IO[bytes]], None]] = {
+        folder / f"{stem}.md": _text_writer(result.table() + "\n"),
+        folder / f"{stem}.json": _text_writer(json.dumps(result.to_json(), indent=2, sort_keys=False) + "\n"),
+    }
+    if figure is not None:
+        files[folder / f"{stem}.png"] = lambda handle: figure.savefig(handle, format="png", dpi=120)
+    return atomic_write_files(files)
+
+
+def _text_writer(text: str) -> Callable[[IO[bytes]], None]:
+    data = text.encode("utf-8")
+    return lambda handle: handle.write(data)  # type: ignore[return-value]
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
@@ -101,6 +169,16 @@ def load_error_detail(error: RuntimeError) -> str:
     return (lines[1] if len(lines) > 1 else lines[0]).strip()
 
 
+def file_version(path: str | os.PathLike) -> tuple[int, int, int] | None:
+    """What identifies one version of a file (inode, size, modification time in ns); None if there is none. An
+    atomic rewrite (a new file renamed over the old one) always changes it."""
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return info.st_ino, info.st_size, info.st_mtime_ns
+
+
 LOCK_NAME = ".meansparse.lock"
 
 
@@ -139,11 +217,23 @@ def output_lock(folder: str | os.PathLike, lock_name: str = LOCK_NAME) -> Iterat
             raise OutputError(
                 f"cannot write in {folder} ({error.strerror}); choose a folder you can write to."
             ) from None
-        with os.fdopen(fd, "w") as handle:
-            handle.write(owner)
+        try:
+            with os.fdopen(fd, "w") as handle:
+                handle.write(owner)
+        except OSError as error:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+            raise OutputError(
+                f"cannot write the lock {path} ({error.strerror}: a full disk?); free space on its device or choose "
+                "another output folder."
+            ) from None
         break
     else:
         raise OutputError(f"cannot take the lock {path}; delete it if no run is using {folder}.")
+    # this run holds the folder (or its output): temporary files there are a killed run's leftovers
+    remove_leftover_temporaries(
+        folder, None if lock_name == LOCK_NAME else lock_name[1:].removesuffix(".lock")
+    )
     try:
         yield folder
     finally:
@@ -185,3 +275,19 @@ def state_digest(state: Mapping[str, torch.Tensor], skip: Collection[str] = ()) 
         digest.update(f"{name}{tuple(tensor.shape)}{flat.sum().item():.10e}".encode())
         digest.update(flat[:256].cpu().numpy().tobytes())
     return digest
+
+
+def batch_digest(*tensors: torch.Tensor | None) -> str:
+    """A short hash identifying a batch's content (images, labels), for resume checks: each tensor's dtype,
+    shape, per-sample float64 sums and every 61st value. It reads each element once (one vectorised sum), so
+    identifying the data costs far less than the attacks or the forward pass it guards."""
+    digest = hashlib.blake2b(digest_size=16)
+    for tensor in tensors:
+        if tensor is None:
+            digest.update(b"none")
+            continue
+        flat = tensor.detach().reshape(tensor.shape[0] if tensor.dim() else 1, -1)
+        digest.update(f"{tensor.dtype}{tuple(tensor.shape)}".encode())
+        digest.update(flat.sum(dim=1, dtype=torch.float64).cpu().numpy().tobytes())
+        digest.update(flat.reshape(-1)[::61].to(torch.float64).cpu().numpy().tobytes())
+    return digest.hexdigest()

@@ -42,6 +42,7 @@ from meansparse_pl.config import (
     check_positive_int,
 )
 from meansparse_pl.errors import ConfigurationError
+from meansparse_pl.inputs import check_images, check_labels
 from meansparse_pl.models import create_model
 from meansparse_pl.modes import eval_mode
 from meansparse_pl.ops import BackwardMode, backward_mode, check_backward_mode, operators, set_alpha
@@ -379,7 +380,20 @@ class AdversarialClassifier(pl.LightningModule):
         return loss, adv_logits
 
     # ------------------------------------------------------------------------------------------ lightning
+    def _check_first_batch(self, batch: tuple[Tensor, Tensor], batch_idx: int, stage: str) -> None:
+        """The input contract (:mod:`meansparse_pl.inputs`) on each epoch's first batch of a stage: finite
+        [0, 1] pixels and labels of the model's classes (one host read per epoch)."""
+        if batch_idx == 0:
+            x, y = batch
+            check_labels(
+                y,
+                self.hparams.num_classes,
+                check_images(x, where=f"{stage} batch 0").shape[0],
+                where=f"{stage} batch 0",
+            )
+
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        self._check_first_batch(batch, batch_idx, "training")
         x, y = batch
         loss, logits = self.training_loss(x, y)
         self.train_acc(logits.detach(), y)
@@ -407,9 +421,11 @@ class AdversarialClassifier(pl.LightningModule):
         self.log(f"{stage}/pgd_acc", pgd_metric, on_step=False, on_epoch=True, prog_bar=True, batch_size=n)
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self._check_first_batch(batch, batch_idx, "validation")
         self._evaluate(batch, "val")
 
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self._check_first_batch(batch, batch_idx, "test")
         self._evaluate(batch, "test")
 
     def configure_optimizers(self) -> dict[str, Any]:

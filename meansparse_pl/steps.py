@@ -23,6 +23,7 @@ from meansparse_pl.config import (
     PlacementConfig,
     ThreatModel,
     check_alpha,
+    check_distinct,
     check_number,
     check_optional_positive_int,
     check_positive_int,
@@ -86,8 +87,7 @@ def check_options(subcommand: str, options: Mapping[str, Any]) -> None:
         return
     if attacks is not None:
         check_attack_config(attacks, COMPOSITE_ATTACKS)
-    for eps in get("extra_eps") or []:
-        threat.with_eps(eps)
+    check_distinct("eps", [threat.eps, *(threat.with_eps(eps).eps for eps in get("extra_eps") or [])])
     if get("large_eps") is not None:
         threat.with_eps(get("large_eps"))
     if get("alpha") is not None:

@@ -33,19 +33,18 @@ from meansparse_pl.alpha_search import (
 from meansparse_pl.architecture import network_record
 from meansparse_pl.attacks import options_for, worst_case
 from meansparse_pl.calibration import CalibrationModule, images_of
-from meansparse_pl.checkpoint import save_checkpoint
+from meansparse_pl.checkpoint import resave_checkpoint, save_checkpoint
 from meansparse_pl.comparison import compare_models
 from meansparse_pl.config import AttackConfig, ComparedModel, PlacementConfig, ThreatModel, check_alpha
 from meansparse_pl.errors import ConfigurationError
 from meansparse_pl.evaluation import EvaluationTask, run_tasks
 from meansparse_pl.io import (
     LOCK_NAME,
-    atomic_write,
-    atomic_write_json,
-    atomic_write_text,
+    file_version,
     output_lock,
-    safe_load,
+    write_report,
 )
+from meansparse_pl.lightning_runs import StoppableTrainer, stopped_as_interrupted
 from meansparse_pl.ops import alphas_of, set_alpha
 from meansparse_pl.placement import describe, sparsify
 from meansparse_pl.report import (
@@ -80,10 +79,11 @@ EVALUATE_ATTACKS = (
 LARGE_EPS_ATTACKS = ("apgd-ce", "bpda-apgd-ce")
 
 
-class MeanSparseTrainer(pl.Trainer):
-    """``pl.Trainer`` plus the post-processing steps; see the module docstring."""
+class MeanSparseTrainer(StoppableTrainer):
+    """``pl.Trainer`` plus the post-processing steps (see the module docstring); ``fit``, ``validate`` and ``test``
+    with :class:`StoppableTrainer`'s atomic checkpoints and clean stop on SIGTERM or Ctrl-C."""
 
-    # --------------------------------------------------------------------------------- validate / test
+    # ------------------------------------------------------------------------------ validate / test
     def validate(  # type: ignore[override]
         self,
         model: pl.LightningModule | None = None,
@@ -101,9 +101,10 @@ class MeanSparseTrainer(pl.Trainer):
             network: Any nn.Module (class_path + init_args) to use instead of the model section's backbone, as
                 in every MeanSparse subcommand.
         """
-        return super().validate(
-            self._with_network(model, network), dataloaders, ckpt_path, verbose, datamodule
-        )
+        with stopped_as_interrupted(self, "validate"):
+            return super().validate(
+                self._with_network(model, network), dataloaders, ckpt_path, verbose, datamodule
+            )
 
     def test(  # type: ignore[override]
         self,
@@ -121,7 +122,10 @@ class MeanSparseTrainer(pl.Trainer):
             verbose: Print the results.
             network: Any nn.Module (class_path + init_args) to use instead of the model section's backbone.
         """
-        return super().test(self._with_network(model, network), dataloaders, ckpt_path, verbose, datamodule)
+        with stopped_as_interrupted(self, "test"):
+            return super().test(
+                self._with_network(model, network), dataloaders, ckpt_path, verbose, datamodule
+            )
 
     @staticmethod
     def _with_network(
@@ -248,7 +252,12 @@ class MeanSparseTrainer(pl.Trainer):
             batch_size=batch_size,
         )
         out = Path(output_dir)
-        with self._holding(out):
+        source = Path(checkpoint)
+        # the checkpoint is read now and rewritten at the end: held like postprocess holds its output, so neither
+        # overwrites what the other wrote meanwhile
+        holding_source = self._holding(source.parent, f".{source.name}.lock") if write_alpha else None
+        with self._holding(out), holding_source or contextlib.nullcontext():
+            version = file_version(source)
             sparse = self._calibrated_model(checkpoint, network, model)
             datamodule.setup("fit")
             dataset = first_samples(datamodule.val_dataloader().dataset, limit_samples)
@@ -257,19 +266,15 @@ class MeanSparseTrainer(pl.Trainer):
             result = search.run(sparse, dataset, trainer=self, state_path=state)
             if self.is_global_zero:
                 self._log(result.metrics())
-                atomic_write_text(out / "alpha_search.md", result.table() + "\n")
-                atomic_write_json(out / "alpha_search.json", result.to_json())
-                figure = result.plot()
-                atomic_write(
-                    out / "alpha_search.png", lambda handle: figure.savefig(handle, format="png", dpi=120)
-                )
-                if write_alpha:
+                write_report(out, "alpha_search", result, result.plot())
+                if write_alpha:  # the report is written first: a refused rewrite loses no result
                     result.apply_to(sparse)
-                    payload = safe_load(checkpoint)
-                    metadata = dict(payload.get("metadata") or {})
-                    metadata["alpha_search"] = result.to_json()
-                    architecture = (payload.get("meansparse") or {}).get("architecture")
-                    save_checkpoint(sparse.cpu(), checkpoint, architecture=architecture, metadata=metadata)
+                    resave_checkpoint(
+                        sparse.cpu(),
+                        checkpoint,
+                        read_version=version,
+                        metadata={"alpha_search": result.to_json()},
+                    )
                 print(result.table())
                 print(
                     f"\nwrote {out}/alpha_search.{{md,json,png}}"
@@ -391,8 +396,7 @@ class MeanSparseTrainer(pl.Trainer):
                     report.large_eps_check[v] = 100.0 * sum(both.values()) / len(dataset)  # type: ignore[arg-type]
             if self.is_global_zero:
                 self._log([report.metrics()])
-                atomic_write_text(out / "evaluation.md", report.table() + "\n")
-                atomic_write_json(out / "evaluation.json", report.to_json())
+                write_report(out, "evaluation", report)
                 if histogram_site is not None:
                     channel_histogram(
                         sparse, dataset, histogram_site, alpha, out / f"histogram_site{histogram_site}.png"
@@ -459,12 +463,7 @@ class MeanSparseTrainer(pl.Trainer):
             )
             if self.is_global_zero:
                 self._log([result.metrics()])
-                atomic_write_text(out / "comparison.md", result.table() + "\n")
-                atomic_write_json(out / "comparison.json", result.to_json())
-                figure = result.plot()
-                atomic_write(
-                    out / "comparison.png", lambda handle: figure.savefig(handle, format="png", dpi=120)
-                )
+                write_report(out, "comparison", result, result.plot())
                 print(result.table())
                 print(f"\nwrote {out}/comparison.{{md,json,png}}")
             self.strategy.barrier("compare_saved")

@@ -315,7 +315,7 @@ def randomize_batchnorm(model: nn.Module, seed: int = 0) -> nn.Module:
 def make_batches(shape: tuple[int, ...], n: int, batch_size: int, seed: int = 0) -> list[torch.Tensor]:
     """``n`` deterministic random inputs of ``shape`` (no batch dim) split into batches."""
     g = torch.Generator().manual_seed(seed)
-    data = torch.randn(n, *shape, generator=g)
+    data = torch.rand(n, *shape, generator=g)  # pixels in [0, 1], as every image path requires
     return list(data.split(batch_size))
 
 

@@ -126,11 +126,16 @@ def test_real_search_is_consistent_and_resumes_to_the_same_numbers(tmp_path):
     finally:
         evaluation.run_attack = original
     assert calls == [] and again.accuracy == first.accuracy
-    # a different model refuses the old state instead of mixing results
+    # a different model never reuses the finished run's results: it is evaluated afresh
     with torch.no_grad():
         next(sparse.parameters()).add_(0.1)
-    with pytest.raises(ConfigurationError, match="different run"):
-        search.run(sparse, data, state_path=tmp_path / "state")
+    evaluation.run_attack = lambda *a, **k: calls.append(a) or original(*a, **k)
+    try:
+        changed = search.run(sparse, data, state_path=tmp_path / "state")
+    finally:
+        evaluation.run_attack = original
+    assert len(calls) == len(first.alphas) * 4 * 3  # every (alpha, column) task on each of the 3 batches
+    assert changed.accuracy == search.run(sparse, data).accuracy
 
 
 def test_interrupted_search_resumes_to_the_same_result(tmp_path):
@@ -171,8 +176,14 @@ def test_resume_state_of_another_sample_order_is_refused(tmp_path):
     forward, backward = Subset(data, list(range(len(data)))), Subset(data, list(range(len(data)))[::-1])
     first = run_tasks(sparse, forward, task, batch_size=16, state_path=tmp_path / "state")
     assert run_tasks(sparse, forward, task, batch_size=16, state_path=tmp_path / "state") == first
+    # after a finished run, another order is evaluated afresh (its own numbers, not the old ones remapped)
+    fresh = run_tasks(sparse, backward, task, batch_size=16)
+    assert run_tasks(sparse, backward, task, batch_size=16, state_path=tmp_path / "state") == fresh
+    # an interrupted run's state is never resumed by a run over another order
+    saved = torch.load(tmp_path / "state.rank0", weights_only=True)
+    torch.save({**saved, "finished": False}, tmp_path / "state.rank0")
     with pytest.raises(ConfigurationError, match="belongs to a different run"):
-        run_tasks(sparse, backward, task, batch_size=16, state_path=tmp_path / "state")
+        run_tasks(sparse, forward, task, batch_size=16, state_path=tmp_path / "state")
 
 
 @pytest.mark.parametrize("schedule", [None, SuccessiveHalving()])

@@ -302,7 +302,7 @@ def test_the_evaluation_loop_syncs_once_per_attack_and_batch():
     torch.manual_seed(5)
     model = sparsify(randomize_batchnorm(FunctionalResNet()).eval(), (3, 8, 8))
     calibrate(model, make_batches((3, 8, 8), 16, 8, seed=5), progress=False)
-    data = TensorDataset(torch.rand(24, 3, 8, 8), torch.randint(0, 10, (24,)))
+    data = TensorDataset(torch.rand(24, 3, 8, 8), torch.randint(0, 3, (24,)))
     threat = ThreatModel("Linf", 0.03)
     tasks = [
         EvaluationTask("clean", "clean", threat, alpha=0.3),

@@ -21,7 +21,13 @@ from torch import nn
 
 from meansparse_pl import calibrate, set_alpha, sparsify, statistics
 from meansparse_pl.calibration import Calibrator
-from meansparse_pl.errors import ConfigurationError, MeanSparseError, PlacementError, StatisticsError
+from meansparse_pl.errors import (
+    ConfigurationError,
+    DataFormatError,
+    MeanSparseError,
+    PlacementError,
+    StatisticsError,
+)
 from meansparse_pl.ops import MeanSparse, operators
 from meansparse_pl.statistics import Moments, OperatorMoments, batch_moments, merge_moments
 
@@ -284,7 +290,7 @@ def test_non_finite_data_is_rejected(bad):
     model = sparsify(FunctionalResNet().eval(), (3, 8, 8))
     batches = make_batches((3, 8, 8), 16, 8, seed=11)
     batches[1][3, 0, 2, 2] = bad
-    with pytest.raises(StatisticsError, match="batch 1"):
+    with pytest.raises(DataFormatError, match="batch 1: 1 pixels are NaN or infinite"):
         calibrate(model, batches, progress=False)
     assert not any(op.is_calibrated for op in operators(model))
     assert all(op.observer is None for op in operators(model))
@@ -449,7 +455,7 @@ def test_nan_input_is_rejected_the_same_way_by_every_calibration_path():
     messages = []
     for path in ("calibrate", "callback", "cli"):
         model = sparsify(FunctionalResNet().eval(), (3, 8, 8))
-        with pytest.raises(StatisticsError) as error:
+        with pytest.raises(DataFormatError) as error:
             if path == "calibrate":
                 calibrate(model, loader, progress=False)
             elif path == "callback":
@@ -462,7 +468,7 @@ def test_nan_input_is_rejected_the_same_way_by_every_calibration_path():
         messages.append(str(error.value))
         assert not any(op.is_calibrated for op in operators(model))
     assert messages[0] == messages[1] == messages[2]
-    assert messages[0].startswith("calibration batch 1 contains NaN or Inf pixels")
+    assert messages[0].startswith("calibration batch 1: 1 pixels are NaN or infinite; clean the data")
 
 
 def test_images_of_another_shape_than_the_placement_are_one_clear_error():

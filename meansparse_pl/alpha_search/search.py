@@ -28,6 +28,7 @@ from meansparse_pl.config import (
     ThreatModel,
     check_alpha,
     check_choice,
+    check_distinct,
     check_number,
     check_positive_int,
 )
@@ -49,7 +50,7 @@ def check_alphas(alphas: Sequence[float]) -> list[float]:
         raise ConfigurationError(
             f"the alpha grid must be a non-empty list, e.g. alphas: [0, 0.15, 0.2], got {alphas!r}."
         )
-    values = sorted({check_alpha(a) for a in alphas})
+    values = check_distinct("alphas", [check_alpha(a) for a in alphas])
     if values[0] != 0.0:
         values.insert(0, 0.0)
     return values

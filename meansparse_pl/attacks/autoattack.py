@@ -16,14 +16,21 @@ from pyautoattack.fab_pt import FABAttack_PT
 from pyautoattack.square import SquareAttack
 from torch import Tensor, nn
 
-from meansparse_pl.attacks.common import AttackContext, BatchAttack, judge, n_target_classes, seed_everything
+from meansparse_pl.attacks.common import (
+    AttackContext,
+    BatchAttack,
+    judge,
+    n_target_classes,
+    predicts,
+    seed_everything,
+)
 from meansparse_pl.attacks.pgd import pgd_perturb
 from meansparse_pl.ops import temporary_alpha
 
 
 def clean(ctx: AttackContext, x: Tensor, y: Tensor) -> Tensor:
     with torch.no_grad():
-        return ctx.model(x).argmax(dim=1) == y
+        return predicts(ctx.model(x), y)
 
 
 def make_apgd(

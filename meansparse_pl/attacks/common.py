@@ -69,12 +69,18 @@ def seed_everything(seed: int, device: torch.device) -> None:
         torch.cuda.manual_seed(seed)
 
 
+def predicts(logits: Tensor, y: Tensor) -> Tensor:
+    """Per sample, whether the logits predict ``y``: the top class is ``y`` and every logit is finite (argmax
+    reads NaN as the largest value, so NaN logits would otherwise "predict" class 0)."""
+    return (logits.argmax(dim=1) == y) & torch.isfinite(logits).all(dim=1)
+
+
 @torch.no_grad()
 def judge(model: nn.Module, x: Tensor, x_adv: Tensor, y: Tensor, eps: float, norm: str) -> Tensor:
     """Correct clean AND correct at the adversarial point projected onto the threat model."""
     x_adv = project(x_adv.detach().to(x.dtype), x, eps, norm)
-    clean_ok = model(x).argmax(dim=1) == y
-    adv_ok = model(x_adv).argmax(dim=1) == y
+    clean_ok = predicts(model(x), y)
+    adv_ok = predicts(model(x_adv), y)
     return clean_ok & adv_ok
 
 

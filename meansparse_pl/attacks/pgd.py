@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from meansparse_pl.config import Norm, ThreatModel, check_number, check_positive_int
-from meansparse_pl.errors import ConfigurationError
+from meansparse_pl.errors import ConfigurationError, PixelRangeError
+from meansparse_pl.inputs import range_problem
 
 PGD_LOSSES: tuple[str, ...] = ("ce", "kl")
 
@@ -45,14 +46,13 @@ def check_pgd_args(eps: float, step_size: float, steps: int, norm: str) -> tuple
 
 def check_box(x: Tensor) -> None:
     # The ball/box projection below is exact only for inputs inside [0, 1]; anything else means the data
-    # pipeline normalised the images before the model (the model must do its own normalisation).
-    # one reduction and one host read per call (each read is a device sync on a GPU); NaN fails it too
+    # pipeline normalised the images before the model (the model must do its own normalisation), or gave 0-255
+    # pixels. One reduction and one host read per call (each read is a device sync on a GPU); NaN fails it too.
     if x.numel() and not bool(((x >= 0) & (x <= 1)).all()):
-        raise ConfigurationError(
-            f"attack inputs must lie in [0, 1], got values in [{float(x.min()):.3g}, {float(x.max()):.3g}]"
-            f"{' and NaN' if bool(x.isnan().any()) else ''}; remove Normalize from the data transforms and let the "
-            "model normalise its input (images of 0-255 values: divide them by 255; NaN pixels: clean the data)."
-        )
+        finite = x[torch.isfinite(x)]
+        low, high = (float(finite.min()), float(finite.max())) if finite.numel() else (0.0, 1.0)
+        problem = range_problem(low, high, int((~torch.isfinite(x)).sum()))
+        raise PixelRangeError(f"attack inputs must lie in [0, 1]: {problem}.")
 
 
 def per_sample_norm(t: Tensor) -> Tensor:

@@ -28,7 +28,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision.datasets.folder import pil_loader
 
-from meansparse_pl.errors import ConfigurationError
+from meansparse_pl.errors import ConfigurationError, DataFormatError
 
 Transform = Callable[[torch.Tensor], torch.Tensor]
 
@@ -73,7 +73,14 @@ class ImageFileDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         path, label = self.samples[index]
-        return self.transform(pil_loader(path)), torch.tensor(label, dtype=torch.int64)
+        try:
+            image = pil_loader(path)
+        except (OSError, SyntaxError, ValueError) as error:  # PIL: truncated, empty or not an image at all
+            raise DataFormatError(
+                f"image file {path} cannot be decoded ({type(error).__name__}: {str(error)[:80] or 'empty file'}); "
+                "replace or remove it (a truncated download or copy?)."
+            ) from None
+        return self.transform(image), torch.tensor(label, dtype=torch.int64)
 
 
 _COMMON_ARGS = """

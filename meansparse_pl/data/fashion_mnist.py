@@ -147,6 +147,12 @@ class FashionMNISTDataModule(ImageClassificationDataModule):
             )
         train_images, train_labels = self._read_pair(paths["train_images"], paths["train_labels"])
         test_images, test_labels = self._read_pair(paths["test_images"], paths["test_labels"])
+        if len(train_images) < len(test_images):  # Fashion-MNIST: 60,000 training and 10,000 test images
+            raise DataFormatError(
+                f"{paths['train_images']} holds {len(train_images)} images and {paths['test_images']} holds "
+                f"{len(test_images)}: fewer training than test images, so the train-* and t10k-* files look swapped "
+                "(Fashion-MNIST has 60,000 training and 10,000 test images); give each file its own name."
+            )
         train_transform = None
         if self.augment:
             train_transform = v2.Compose([v2.RandomCrop(28, padding=2), v2.RandomHorizontalFlip()])
