@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -38,7 +38,7 @@ from meansparse_pl.alpha_search import (
     Selection,
 )
 from meansparse_pl.calibration import CalibrationSummary, calibrate, images_of
-from meansparse_pl.checkpoint import save_checkpoint
+from meansparse_pl.checkpoint import keep_operator_state_on_load, save_checkpoint
 from meansparse_pl.config import (
     AttackConfig,
     PlacementConfig,
@@ -70,6 +70,14 @@ class MeanSparseCallback(pl.Callback):
         limit_batches: collect statistics on only this many batches per process (None: the whole split).
         batch_size: calibration batch size (None: the datamodule's).
         output_path: where to write the sparsified checkpoint (default: ``<trainer.default_root_dir>/meansparse.pt``).
+        attribute: where the LightningModule keeps the network (a dotted attribute path: ``"model"``, ``"net"``,
+            ``"backbone.classifier"``); the sparsified network is put back there.
+        data: what the statistics are collected on: ``"calibration"`` (the datamodule's
+            ``calibration_dataloader()``: the training split without augmentation), ``"train"`` (its
+            ``train_dataloader()``, as it is: augmented if it augments) or a DataLoader.
+
+    The network and the data are looked up in :meth:`setup`, before the first training step, so a module or
+    datamodule that does not provide them is one clear error instead of one after all of training.
     """
 
     def __init__(
@@ -80,8 +88,19 @@ class MeanSparseCallback(pl.Callback):
         limit_batches: int | None = None,
         batch_size: int | None = None,
         output_path: str | None = None,
+        attribute: str = "model",
+        data: Literal["calibration", "train"] | DataLoader = "calibration",
     ) -> None:
         super().__init__()
+        if not isinstance(attribute, str) or not all(part.isidentifier() for part in attribute.split(".")):
+            raise ConfigurationError(
+                f"attribute must be the dotted attribute path of the network in the LightningModule, e.g. 'model' "
+                f"or 'net', got {attribute!r}."
+            )
+        if not (isinstance(data, DataLoader) or data in ("calibration", "train")):
+            raise ConfigurationError(f"data must be 'calibration', 'train' or a DataLoader, got {data!r}.")
+        self.attribute = attribute
+        self.data = data
         self.placement = placement if placement is not None else PlacementConfig()
         if not isinstance(self.placement, PlacementConfig):
             raise ConfigurationError(f"placement must be a PlacementConfig, got {type(placement).__name__}.")
@@ -98,6 +117,48 @@ class MeanSparseCallback(pl.Callback):
         self.summary: dict[str, Any] = {}
 
     # ------------------------------------------------------------------------------------------ the hooks
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Before training: the network is where :attr:`attribute` says and the data can be found."""
+        if stage == "fit":
+            self.network_of(pl_module)
+            self.source_loader(trainer)
+
+    def network_of(self, pl_module: pl.LightningModule) -> nn.Module:
+        """The network at :attr:`attribute` of ``pl_module``."""
+        network: Any = pl_module
+        for part in self.attribute.split("."):
+            network = getattr(network, part, None)
+        if not isinstance(network, nn.Module):
+            found = sorted(name for name, child in pl_module.named_children())
+            raise ConfigurationError(
+                f"MeanSparseCallback looks for the network at {type(pl_module).__name__}.{self.attribute}, which is "
+                f"{'missing' if network is None else type(network).__name__}; give attribute= the name of the "
+                f"network's attribute (its submodules: {found})."
+            )
+        return network
+
+    def set_network(self, pl_module: pl.LightningModule, network: nn.Module) -> None:
+        """Put the sparsified network back at :attr:`attribute`."""
+        *parents, last = self.attribute.split(".")
+        owner: Any = pl_module
+        for part in parents:
+            owner = getattr(owner, part)
+        setattr(owner, last, network)
+
+    def source_loader(self, trainer: pl.Trainer) -> DataLoader:
+        """The DataLoader :attr:`data` names (before re-batching into whole batches per process)."""
+        if isinstance(self.data, DataLoader):
+            return self.data
+        datamodule = trainer.datamodule
+        method = "calibration_dataloader" if self.data == "calibration" else "train_dataloader"
+        if datamodule is None or not callable(getattr(datamodule, method, None)):
+            raise ConfigurationError(
+                f"MeanSparseCallback(data={self.data!r}) needs a datamodule with {method}() (the training split"
+                f"{' without augmentation' if self.data == 'calibration' else ''}); use one of meansparse_pl.data's "
+                "datamodules, give data='train' to calibrate on train_dataloader(), or data=<a DataLoader>."
+            )
+        return getattr(datamodule, method)()
+
     def output_file(self, trainer: pl.Trainer) -> Path:
         """Where the sparsified checkpoint goes."""
         return Path(self.output_path or os.path.join(trainer.default_root_dir, "meansparse.pt"))
@@ -119,17 +180,20 @@ class MeanSparseCallback(pl.Callback):
             if best:
                 self.load_weights(pl_module, best)
         loader = self.calibration_loader(trainer)
-        if operators(pl_module.model):
+        network = self.network_of(pl_module)
+        if operators(network):
             # fine-tuned with its operators: same sites, statistics of the new weights (the BatchNorm running
             # statistics were kept up to date by training, on the same adversarial batches as the control's)
-            sparse = pl_module.model
+            sparse = network
             rank_zero_info(
                 f"MeanSparse: the model was trained with {len(operators(sparse))} operators; recalibrating their "
                 "statistics on the fine-tuned weights"
             )
         else:
-            sparse = self.sparsify(pl_module.model, loader)
-            pl_module.model = sparse
+            sparse = self.sparsify(network, loader)
+            self.set_network(pl_module, sparse)
+            # Lightning checkpoints of this run (written before the operators existed) still load into it
+            keep_operator_state_on_load(pl_module)
         progress = trainer.is_global_zero and trainer.progress_bar_callback is not None
         summary = self.calibrate(sparse, loader, progress=progress, distributed=trainer.world_size > 1)
         if self.alpha is not None:
@@ -158,14 +222,8 @@ class MeanSparseCallback(pl.Callback):
         rank_zero_info(f"MeanSparse: using the best checkpoint {path}")
 
     def calibration_loader(self, trainer: pl.Trainer) -> DataLoader:
-        """This process's whole batches of the datamodule's calibration split (none padded or repeated)."""
-        datamodule = trainer.datamodule
-        if datamodule is None or not hasattr(datamodule, "calibration_dataloader"):
-            raise ConfigurationError(
-                "MeanSparseCallback needs a datamodule with calibration_dataloader() (the training split "
-                "without augmentation); use one of meansparse_pl.data's datamodules."
-            )
-        base = datamodule.calibration_dataloader()
+        """This process's whole batches of the :attr:`data` loader's data set (none padded or repeated)."""
+        base = self.source_loader(trainer)
         return whole_batch_loader(
             base.dataset,
             self.batch_size or base.batch_size or 128,
@@ -265,12 +323,11 @@ class AlphaSearchCallback(pl.Callback):
         meansparse = self.meansparse_callback(trainer)
         # every process on its own device, with the fit's progress-bar setting, merged over the fit's processes
         progress = trainer.is_global_zero and trainer.progress_bar_callback is not None
-        here = single_device_trainer(pl_module.model, progress=progress)
-        self.result = self.run(
-            pl_module.model, trainer.datamodule, trainer=here, distributed=trainer.world_size > 1
-        )
+        network = meansparse.network_of(pl_module)
+        here = single_device_trainer(network, progress=progress)
+        self.result = self.run(network, trainer.datamodule, trainer=here, distributed=trainer.world_size > 1)
         alpha = self.result.suggestion()
-        set_alpha(pl_module.model, alpha)
+        set_alpha(network, alpha)
         if trainer.is_global_zero:
             self.write(
                 self.result, Path(self.output_dir or os.path.join(trainer.default_root_dir, "alpha_search"))
@@ -282,9 +339,7 @@ class AlphaSearchCallback(pl.Callback):
         if trainer.is_global_zero and meansparse.saved_path is not None:
             architecture = pl_module.architecture() if hasattr(pl_module, "architecture") else None
             metadata = {"calibration": meansparse.summary, "alpha_search": self.result.to_json()}  # type: ignore[union-attr]
-            save_checkpoint(
-                pl_module.model, meansparse.saved_path, architecture=architecture, metadata=metadata
-            )
+            save_checkpoint(network, meansparse.saved_path, architecture=architecture, metadata=metadata)
             rank_zero_info(
                 f"MeanSparse: alpha {alpha:g} chosen on the held-out split; saved {meansparse.saved_path}"
             )

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from meansparse_pl.architecture import build_registry_model, check_architecture, network_options
@@ -87,16 +88,58 @@ def resave_checkpoint(
     return save_checkpoint(model, path, architecture=record.get("architecture"), metadata=merged)
 
 
+def keep_operator_state_on_load(module: nn.Module) -> None:
+    """After operators were inserted into ``module``'s network, a state dict written before they existed (a
+    Lightning checkpoint of the training run: ``trainer.test(ckpt_path="best")``, ``fit(ckpt_path="last")``)
+    still loads into it: the operators' buffers missing from such a state dict keep their current values (the
+    statistics just collected), with one line saying so. A state dict that has them loads them as usual."""
+    operator_keys = {
+        f"{name}.{buffer}" if name else buffer
+        for name, op in module.named_modules()
+        if isinstance(op, MeanSparse)
+        for buffer, _ in op.named_buffers(recurse=False)
+    }
+
+    def fill_missing_operator_state(
+        target: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any
+    ) -> None:
+        missing = [key for key in sorted(operator_keys) if prefix + key not in state_dict]
+        if not missing or len(missing) != len(operator_keys):
+            return  # a state dict of the sparsified model (complete or not: load_state_dict reports it)
+        current = target.state_dict()
+        for key in missing:
+            state_dict[prefix + key] = current[key]
+        rank_zero_info(
+            "MeanSparse: the state dict has no operator buffers (written before the operators were inserted); "
+            f"the {len(operators(target))} operators keep their current statistics and alphas"
+        )
+
+    module.register_load_state_dict_pre_hook(fill_missing_operator_state)
+
+
 def model_state(
     payload: dict[str, Any], where: str | os.PathLike = "the checkpoint"
 ) -> dict[str, torch.Tensor]:
     """The network's state dict in a loaded file: a plain state dict, our checkpoint's ``state_dict``, or a
-    Lightning checkpoint of a module that wraps the network as ``self.model``; only tensors are accepted."""
+    Lightning checkpoint of a module that wraps the network as ``self.model`` (or as any one attribute, e.g.
+    ``self.net``: the one prefix all its weights share); only tensors are accepted."""
     state = payload.get("state_dict", payload)
     if not isinstance(state, dict) or not state:
         raise CheckpointError(f"{where} has no state_dict (a dictionary of tensors); {RECREATE_FILE}.")
     if any(isinstance(k, str) and k.startswith(LIGHTNING_PREFIX) for k in state):
         state = {k[len(LIGHTNING_PREFIX) :]: v for k, v in state.items() if k.startswith(LIGHTNING_PREFIX)}
+    elif (
+        "pytorch-lightning_version" in payload
+    ):  # a Lightning module keeping its network elsewhere (self.net)
+        heads = sorted({k.split(".", 1)[0] for k in state if isinstance(k, str) and "." in k})
+        if len(heads) != 1:
+            raise CheckpointError(
+                f"{where} is a Lightning checkpoint of a module whose weights sit under {heads}, not one network "
+                "attribute; save the network's own state dict (torch.save(module.<network>.state_dict(), path)) "
+                "and give that file."
+            )
+        prefix = heads[0] + "."
+        state = {k[len(prefix) :]: v for k, v in state.items() if isinstance(k, str) and k.startswith(prefix)}
     if not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
         raise CheckpointError(
             f"{where}: the state_dict holds entries that are not tensors; the file is corrupt."

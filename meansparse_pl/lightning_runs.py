@@ -6,8 +6,8 @@ full disk never leaves a truncated ``last.ckpt`` / ``best-*.ckpt`` under its fin
 goes through fsspec, whose local transaction writes the temporary file in ``$TMPDIR`` and moves it: a copy,
 not a rename, across file systems). Loading a damaged one is one clear error naming the file.
 
-:func:`stopped_as_interrupted` (around ``fit`` / ``validate`` / ``test`` of
-:class:`~meansparse_pl.trainer.MeanSparseTrainer`) installs it when the strategy uses Lightning's default
+:func:`stopped_as_interrupted` (around ``fit`` / ``validate`` / ``test`` of :class:`LightningSubcommands`,
+the base of :class:`~meansparse_pl.trainer.MeanSparseTrainer`) installs it when the strategy uses Lightning's default
 checkpoint writer (with another Trainer pass ``plugins=[AtomicCheckpointIO()]``), and turns Lightning's exit on
 SIGTERM (status 0) or Ctrl-C (status 1) into an :class:`~meansparse_pl.errors.Interrupted` stop: the CLI's
 ``stopped:`` line, naming the checkpoint to resume from, and exit status ``128 + signal``.
@@ -28,10 +28,14 @@ import lightning.pytorch as pl
 import torch
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+from torch import nn
 
+from meansparse_pl.checkpoint import load_checkpoint
 from meansparse_pl.errors import CheckpointError, Interrupted
-from meansparse_pl.io import atomic_torch_save
+from meansparse_pl.io import atomic_torch_save, safe_load
+from meansparse_pl.ops import operators
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -109,10 +113,12 @@ def check_lightning_checkpoint(path: str | os.PathLike) -> None:
         raise CheckpointError(_damaged(path, error)) from error
 
 
-class StoppableTrainer(pl.Trainer):
-    """``pl.Trainer`` whose ``fit`` writes atomic checkpoints and ends a SIGTERM or Ctrl-C as an
-    :class:`~meansparse_pl.errors.Interrupted` stop (the CLI's ``stopped:`` line naming the checkpoint to resume
-    from, exit status ``128 + signal``) instead of Lightning's exit with status 0 or 1."""
+class LightningSubcommands(pl.Trainer):
+    """Lightning's own ``fit``, ``validate`` and ``test`` as the CLI runs them: atomic checkpoints, a SIGTERM or
+    Ctrl-C ending as an :class:`~meansparse_pl.errors.Interrupted` stop (the CLI's ``stopped:`` line naming the
+    checkpoint to resume from, exit status ``128 + signal``) instead of Lightning's exit with status 0 or 1,
+    ``--network`` as in every MeanSparse subcommand, and ``validate`` / ``test`` of a MeanSparse checkpoint (one
+    written by ``postprocess`` or the ``MeanSparseCallback``) as well as of a Lightning one."""
 
     def fit(
         self,
@@ -122,12 +128,82 @@ class StoppableTrainer(pl.Trainer):
         datamodule: pl.LightningDataModule | None = None,
         ckpt_path: str | None = None,
         weights_only: bool | None = None,
+        network: nn.Module | None = None,
     ) -> None:
         """Lightning's ``fit`` (adversarial training; the callbacks sparsify and search alpha at its end).
 
         Args:
             ckpt_path: Lightning checkpoint to resume from ("last" for the newest of this run).
             weights_only: Passed to Lightning's checkpoint loading.
+            network: Any nn.Module (class_path + init_args) to train instead of the model section's backbone.
         """
         with stopped_as_interrupted(self, "fit"):
-            super().fit(model, train_dataloaders, val_dataloaders, datamodule, ckpt_path, weights_only)
+            super().fit(
+                self.with_network(model, network),
+                train_dataloaders,
+                val_dataloaders,
+                datamodule,
+                ckpt_path,
+                weights_only,
+            )
+
+    def validate(  # type: ignore[override]
+        self,
+        model: pl.LightningModule | None = None,
+        dataloaders: Any = None,
+        ckpt_path: str | None = None,
+        verbose: bool = True,
+        datamodule: pl.LightningDataModule | None = None,
+        network: nn.Module | None = None,
+    ) -> Any:
+        """Lightning's ``validate`` (clean and PGD accuracy on the held-out split).
+
+        Args:
+            ckpt_path: Lightning checkpoint, or MeanSparse checkpoint, to take the weights from.
+            verbose: Print the results.
+            network: Any nn.Module (class_path + init_args) to use instead of the model section's backbone.
+        """
+        model, ckpt_path = self._weights_from(self.with_network(model, network), ckpt_path, network)
+        with stopped_as_interrupted(self, "validate"):
+            return super().validate(model, dataloaders, ckpt_path, verbose, datamodule)
+
+    def test(  # type: ignore[override]
+        self,
+        model: pl.LightningModule | None = None,
+        dataloaders: Any = None,
+        ckpt_path: str | None = None,
+        verbose: bool = True,
+        datamodule: pl.LightningDataModule | None = None,
+        network: nn.Module | None = None,
+    ) -> Any:
+        """Lightning's ``test`` (clean and PGD accuracy on the test split).
+
+        Args:
+            ckpt_path: Lightning checkpoint, or MeanSparse checkpoint, to take the weights from.
+            verbose: Print the results.
+            network: Any nn.Module (class_path + init_args) to use instead of the model section's backbone.
+        """
+        model, ckpt_path = self._weights_from(self.with_network(model, network), ckpt_path, network)
+        with stopped_as_interrupted(self, "test"):
+            return super().test(model, dataloaders, ckpt_path, verbose, datamodule)
+
+    @staticmethod
+    def with_network(model: Any, network: nn.Module | None) -> Any:
+        """The module with ``network`` put where the CLI's model keeps its network (``model``)."""
+        if network is not None and model is not None:
+            model.model = network
+        return model
+
+    @staticmethod
+    def _weights_from(model: Any, ckpt_path: str | None, network: nn.Module | None) -> tuple[Any, str | None]:
+        """A MeanSparse checkpoint (not a Lightning one) is loaded into the module's network here, operators
+        and statistics included, and Lightning is given no checkpoint path."""
+        if ckpt_path is None or model is None or not Path(ckpt_path).is_file():
+            return model, ckpt_path
+        payload = safe_load(ckpt_path)
+        if "meansparse" not in payload or "pytorch-lightning_version" in payload:
+            return model, ckpt_path
+        fallback = getattr(model, "model", None) if network is None else None
+        model.model = load_checkpoint(ckpt_path, network, fallback_model=fallback)
+        rank_zero_info(f"MeanSparse checkpoint {ckpt_path}: {len(operators(model.model))} operators loaded")
+        return model, None

@@ -73,6 +73,12 @@ def check_options(subcommand: str, options: Mapping[str, Any]) -> None:
             get_preset(placement.preset)
         _existing_file("checkpoint", get("checkpoint"))
         _writable_file("output", get("output"))
+        if not get("checkpoint") and not get("allow_untrained", False):
+            raise ConfigurationError(
+                "postprocess needs trained weights and got no --checkpoint, so it would sparsify a randomly "
+                "initialised network; give --checkpoint (a Lightning checkpoint or a state dict of the network), or "
+                "--allow_untrained true to sparsify the untrained network on purpose."
+            )
         return
     if subcommand == "compare":
         _check_compared(get("models"), get("control"))

@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import lightning.pytorch as pl
 from jsonargparse import lazy_instance
@@ -44,7 +44,7 @@ from meansparse_pl.io import (
     output_lock,
     write_report,
 )
-from meansparse_pl.lightning_runs import StoppableTrainer, stopped_as_interrupted
+from meansparse_pl.lightning_runs import LightningSubcommands
 from meansparse_pl.ops import alphas_of, set_alpha
 from meansparse_pl.placement import describe, sparsify
 from meansparse_pl.report import (
@@ -79,61 +79,9 @@ EVALUATE_ATTACKS = (
 LARGE_EPS_ATTACKS = ("apgd-ce", "bpda-apgd-ce")
 
 
-class MeanSparseTrainer(StoppableTrainer):
+class MeanSparseTrainer(LightningSubcommands):
     """``pl.Trainer`` plus the post-processing steps (see the module docstring); ``fit``, ``validate`` and ``test``
-    with :class:`StoppableTrainer`'s atomic checkpoints and clean stop on SIGTERM or Ctrl-C."""
-
-    # ------------------------------------------------------------------------------ validate / test
-    def validate(  # type: ignore[override]
-        self,
-        model: pl.LightningModule | None = None,
-        dataloaders: Any = None,
-        ckpt_path: str | None = None,
-        verbose: bool = True,
-        datamodule: pl.LightningDataModule | None = None,
-        network: nn.Module | None = None,
-    ) -> Any:
-        """Lightning's ``validate`` (clean and PGD accuracy on the held-out split).
-
-        Args:
-            ckpt_path: Lightning checkpoint to take the weights from.
-            verbose: Print the results.
-            network: Any nn.Module (class_path + init_args) to use instead of the model section's backbone, as
-                in every MeanSparse subcommand.
-        """
-        with stopped_as_interrupted(self, "validate"):
-            return super().validate(
-                self._with_network(model, network), dataloaders, ckpt_path, verbose, datamodule
-            )
-
-    def test(  # type: ignore[override]
-        self,
-        model: pl.LightningModule | None = None,
-        dataloaders: Any = None,
-        ckpt_path: str | None = None,
-        verbose: bool = True,
-        datamodule: pl.LightningDataModule | None = None,
-        network: nn.Module | None = None,
-    ) -> Any:
-        """Lightning's ``test`` (clean and PGD accuracy on the test split).
-
-        Args:
-            ckpt_path: Lightning checkpoint to take the weights from.
-            verbose: Print the results.
-            network: Any nn.Module (class_path + init_args) to use instead of the model section's backbone.
-        """
-        with stopped_as_interrupted(self, "test"):
-            return super().test(
-                self._with_network(model, network), dataloaders, ckpt_path, verbose, datamodule
-            )
-
-    @staticmethod
-    def _with_network(
-        model: pl.LightningModule | None, network: nn.Module | None
-    ) -> pl.LightningModule | None:
-        if network is not None and model is not None:
-            model.model = network
-        return model
+    are :class:`~meansparse_pl.lightning_runs.LightningSubcommands`'."""
 
     # ------------------------------------------------------------------------------------ postprocess
     def postprocess(
@@ -145,6 +93,7 @@ class MeanSparseTrainer(StoppableTrainer):
         output: str = "runs/meansparse.pt",
         alpha: float = 0.0,
         placement: PlacementConfig = PlacementConfig(),
+        allow_untrained: bool = False,
     ) -> None:
         """Insert MeanSparse operators into a trained model and collect their statistics on the training split.
 
@@ -155,10 +104,10 @@ class MeanSparseTrainer(StoppableTrainer):
             alpha: Alpha stored in the output (choose it with alpha_search; 0 = identical to the base model).
             placement: Where the operators go (include, exclude, sites, centre, preset, channel_dims,
                 fuse_activations, strategy, leaf_modules; see PlacementConfig).
+            allow_untrained: Sparsify the freshly initialised network when no checkpoint is given (for tests).
         """
         check_options("postprocess", locals())
-        if network is not None:
-            model.model = network
+        self.with_network(model, network)
         if getattr(model, "model", None) is None:
             raise ConfigurationError("no network to post-process: configure model.backbone or --network.")
         output_path = Path(output)

@@ -280,6 +280,12 @@ def test_bad_inputs_are_one_line_errors(trained, tmp_path, capsys):
     line = _cli_error(
         ["postprocess", *base, f"--data.data_dir={tmp_path}/nowhere", f"--output={tmp_path}/x.pt"], capsys
     )
+    assert "needs trained weights and got no --checkpoint" in line and "--allow_untrained" in line
+    line = _cli_error(
+        ["postprocess", *base, f"--data.data_dir={tmp_path}/nowhere", f"--output={tmp_path}/x.pt"]
+        + ["--allow_untrained=true"],
+        capsys,
+    )
     assert "nowhere" in line
 
 
