@@ -46,6 +46,16 @@ def _select(sites: list[Site], config: PlacementConfig) -> list[Site]:
                     "meansparse_pl.find_sites(model, example_input) to see the module paths."
                 )
         selected = [s for s in selected if any(fnmatch.fnmatchcase(s.module_path, p) for p in config.include)]
+    # every rule must match something: a pattern that matches nothing is a typo or a path of another library's
+    # layout (a torchvision SE block is features.1.0.block.1, not *.se), and would silently change nothing
+    rules = [("exclude pattern", p) for p in config.exclude or ()]
+    rules += [("channel_dims pattern", p) for p in (config.channel_dims or {})]
+    for kind, pattern in rules:
+        if not any(fnmatch.fnmatchcase(s.module_path, pattern) for s in sites):
+            raise PlacementError(
+                f"{kind} {pattern!r} matches no activation site; run meansparse_pl.find_sites(model, "
+                "example_input) to see the module paths."
+            )
     if config.exclude:
         selected = [
             s for s in selected if not any(fnmatch.fnmatchcase(s.module_path, p) for p in config.exclude)

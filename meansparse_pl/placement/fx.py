@@ -26,13 +26,17 @@ from torch.fx.passes.shape_prop import ShapeProp
 from meansparse_pl.modes import eval_mode
 from meansparse_pl.ops import FusedActivation, MeanSparse, fusable_activation
 from meansparse_pl.placement import registry
-from meansparse_pl.placement.layout import infer_channel_dim_from_shape, override_channel_dim, probing
+from meansparse_pl.placement.layout import (
+    axis_of_width,
+    infer_channel_dim_from_shape,
+    override_channel_dim,
+    probing,
+    producer_layout,
+)
 from meansparse_pl.placement.record import Site
 from meansparse_pl.placement.registry import PlacementPreset, is_activation_module
 
 # Producers that tell the channel axis of the tensor they emit.
-_CHANNELS_FIRST_PRODUCERS = (nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm, nn.GroupNorm)
-_CHANNELS_LAST_PRODUCERS = (nn.Linear, nn.LayerNorm)
 
 
 class ActivationLeafTracer(fx.Tracer):
@@ -153,24 +157,29 @@ def _fuse_into_operator(node: fx.Node, sparsified: fx.Node, op: MeanSparse, gm: 
     return activation.name
 
 
-def _producer_channel_dim(node: fx.Node, gm: fx.GraphModule, depth: int = 8) -> int | None:
-    """Walk back through elementwise ops to the nearest conv / norm / linear and read its layout."""
+# tensor methods and functions that rearrange axes or merge / split them: the producer's axis then moves
+_RESHAPES = {"view", "reshape", "reshape_as", "view_as", "flatten", "unflatten", "permute", "transpose", "movedim",
+             "squeeze", "unsqueeze", "swapaxes"}  # fmt: skip
+
+
+def _producer_channel_dim(
+    node: fx.Node, gm: fx.GraphModule, shape: tuple[int, ...] = (), path: str = "", depth: int = 12
+) -> int | None:
+    """Walk back through elementwise and reshaping ops to the nearest conv / norm / linear and read its layout;
+    past a reshape, the channel axis is the one axis of ``shape`` of the producer's width (LeViT's
+    ``Linear -> flatten(0, 1) -> BatchNorm1d -> reshape_as``: the last axis, not BatchNorm's axis 1)."""
     current: Any = node
+    reshaped = False
     for _ in range(depth):
-        if not isinstance(current, fx.Node):
+        if not isinstance(current, fx.Node) or current.op in ("placeholder", "get_attr") or not current.args:
             return None
         if current.op == "call_module":
-            module = gm.get_submodule(current.target)
-            if isinstance(module, _CHANNELS_FIRST_PRODUCERS):
-                return 1
-            if isinstance(module, _CHANNELS_LAST_PRODUCERS):
-                return -1
-        if current.op in ("placeholder", "get_attr") or (
-            current.op == "call_method" and current.target in ("permute", "transpose", "view", "reshape")
-        ):
-            return None
-        if not current.args:
-            return None
+            layout = producer_layout(gm.get_submodule(current.target))
+            if layout is not None:
+                return axis_of_width(shape, layout[1], path) if reshaped and shape else layout[0]
+        name = current.target if current.op == "call_method" else getattr(current.target, "__name__", "")
+        if current.op in ("call_method", "call_function") and name in _RESHAPES:
+            reshaped = True
         current = current.args[0]
     return None
 
@@ -193,7 +202,7 @@ def activation_sites(
         shape = tuple(int(s) for s in meta.shape)
         dim = override_channel_dim(path, channel_dims)
         if dim is None:
-            dim = 1 if len(shape) <= 2 else _producer_channel_dim(source, gm)
+            dim = 1 if len(shape) <= 2 else _producer_channel_dim(source, gm, shape, path)
         if dim is None:
             dim = infer_channel_dim_from_shape(shape)
         found.append((Site(len(found), path, call, shape, dim, shape[dim]), node))
@@ -268,7 +277,7 @@ def _site_channel_dim(
     for start in start_nodes:
         if dim is not None:
             break
-        dim = _producer_channel_dim(start, gm)
+        dim = _producer_channel_dim(start, gm, shape, path)
     if dim is None:
         dim = infer_channel_dim_from_shape(shape)
     return dim

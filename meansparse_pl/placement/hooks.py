@@ -14,7 +14,12 @@ from torch.overrides import TorchFunctionMode
 from meansparse_pl.errors import PlacementError
 from meansparse_pl.ops import MeanSparse
 from meansparse_pl.placement import registry
-from meansparse_pl.placement.layout import infer_channel_dim_from_shape, override_channel_dim, probing
+from meansparse_pl.placement.layout import (
+    infer_channel_dim_from_shape,
+    override_channel_dim,
+    probing,
+    producer_layout,
+)
 from meansparse_pl.placement.record import Site
 from meansparse_pl.placement.registry import is_activation_module
 
@@ -54,12 +59,14 @@ class _CallSiteDispatch(nn.Module):
         op = self.ops[self.next_call]
         self.next_call += 1
         x = args[0]
-        out = op(x)
-        if out is not x and getattr(module, "inplace", False):
-            # an in-place activation mutates its input and the model may keep reading that tensor: sparsify it
-            # in place too, so the activation mutates the tensor the model holds, as without the operator
-            out = x.copy_(out)
-        return (out, *args[1:])
+        if not getattr(module, "inplace", False) or isinstance(op, nn.Identity):
+            return (op(x), *args[1:])
+        # an in-place activation mutates its input and the model may keep reading that tensor: the sparsified
+        # values are written into it, so the activation mutates the tensor the model holds, as without the
+        # operator. The operator reads a copy when autograd records: a backward that keeps its input (the fused
+        # exact kernel, the surrogate) must not see that input overwritten
+        recording = torch.is_grad_enabled() and x.requires_grad
+        return (x.copy_(op(x.clone() if recording else x)), *args[1:])
 
 
 class _ResetDispatch:
@@ -76,10 +83,13 @@ class _ResetDispatch:
 def activation_sites(
     model: nn.Module, example_input: torch.Tensor, channel_dims: dict[str, int] | None, trace_error: str
 ) -> list[tuple[Site, nn.Module]]:
-    records: list[tuple[str, nn.Module, tuple[int, ...]]] = []
+    records: list[tuple[str, nn.Module, tuple[int, ...], int | None]] = []
     module_stack: list[str] = []
     spy = _FunctionalActivationSpy(module_stack)
     handles = []
+    # the outputs of conv / norm / linear layers during the probe, by identity (kept alive, so no id is reused):
+    # an activation fed one of them directly takes that layer's channel axis instead of a guess from its shape
+    produced: dict[int, tuple[torch.Tensor, int]] = {}
     for path, module in model.named_modules():
 
         def push(m, args, path=path):
@@ -87,12 +97,16 @@ def activation_sites(
             if is_activation_module(m):
                 spy.inside_activation += 1
                 if args and isinstance(args[0], torch.Tensor):
-                    records.append((path, m, tuple(args[0].shape)))
+                    source = produced.get(id(args[0]))
+                    records.append((path, m, tuple(args[0].shape), None if source is None else source[1]))
 
         def pop(m, args, output):
             module_stack.pop()
             if is_activation_module(m):
                 spy.inside_activation -= 1
+            layout = producer_layout(m)
+            if layout is not None and isinstance(output, torch.Tensor):
+                produced[id(output)] = (output, layout[0])
 
         handles.append(module.register_forward_pre_hook(push))
         handles.append(module.register_forward_hook(pop))
@@ -110,10 +124,18 @@ def activation_sites(
             "untraceable submodule in leaf_modules, or use an activation module (nn.ReLU, ...) there."
         )
     found: list[tuple[Site, nn.Module]] = []
-    for path, module, shape in records:
+    for path, module, shape, producer_dim in records:
         dim = override_channel_dim(path, channel_dims)
         if dim is None:
-            dim = infer_channel_dim_from_shape(shape)
+            dim = (
+                producer_dim if producer_dim is not None else infer_channel_dim_from_shape(shape, guess=False)
+            )
+        if dim is None:
+            raise PlacementError(
+                f"{path}: the input {shape} comes from no conv / norm / linear layer directly and its shape does not "
+                "say which axis holds the channels (no square spatial pair); give it with channel_dims="
+                f"{{{path!r}: <axis>}}."
+            )
         found.append((Site(len(found), path, f"nn.{type(module).__name__}", shape, dim, shape[dim]), module))
     return found
 
