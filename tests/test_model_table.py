@@ -2,7 +2,8 @@
 without weights at small inputs: sparsify, calibrate, alpha 0 is the identity, statistics equal a float64 brute
 force of each operator's input, every site's channel axis is a layer width of the model (not a token or head
 count), the straight-through gradient equals an independent BPDA formula, the checkpoint round-trips, and
-``torch.export`` matches eager (fx-placed models; the hook-placed ones are refused by export with one line).
+``torch.export`` matches eager (fx-placed models), and the original's plain attributes and stochastic depth in
+``train()`` survive.
 """
 
 from __future__ import annotations
@@ -44,7 +45,23 @@ TABLE = {
         ),
         (3, 32, 32),
     ),
-    "timm-resnet10t": (lambda: timm.create_model("resnet10t", num_classes=10), (3, 32, 32)),
+    "tv-convnext_tiny": (lambda: TV.convnext_tiny(num_classes=10), (3, 32, 32)),
+    "tv-swin_t": (lambda: TV.swin_t(num_classes=10), (3, 64, 64)),
+    "tv-googlenet": (
+        lambda: _kaiming(TV.googlenet(num_classes=10, aux_logits=False, init_weights=True)),
+        (3, 64, 64),
+    ),
+    "timm-resnet18d": (lambda: timm.create_model("resnet18d", num_classes=10), (3, 32, 32)),
+    "timm-efficientformer_l1": (
+        lambda: timm.create_model("efficientformer_l1", num_classes=10),
+        (3, 224, 224),
+    ),
+    # its linear attention's ReLU sees (B, heads, N, d) after a reshape: the axis is stated, not guessed
+    "timm-efficientvit_b0 (hooks)": (
+        lambda: timm.create_model("efficientvit_b0", num_classes=10),
+        (3, 128, 128),
+        {"channel_dims": {"*.kernel_func": -1}},
+    ),
     # at 224 pixels its token counts (196, 49, 16) differ from its widths: a token axis read as channels shows
     "timm-levit_128s": (lambda: timm.create_model("levit_128s", num_classes=10), (3, 224, 224)),
     "timm-mixer": (
@@ -52,7 +69,9 @@ TABLE = {
         (3, 64, 64),
     ),
     "timm-vit_tiny": (
-        lambda: timm.create_model("vit_tiny_patch16_224", num_classes=10, img_size=32, patch_size=8, depth=2),
+        lambda: timm.create_model(
+            "vit_tiny_patch16_224", num_classes=10, img_size=32, patch_size=8, depth=2, drop_path_rate=0.5
+        ),
         (3, 32, 32),
     ),
     "timm-poolformer": (
@@ -61,6 +80,14 @@ TABLE = {
     ),
     "timm-mobilevit_xxs (hooks)": (lambda: timm.create_model("mobilevit_xxs", num_classes=10), (3, 64, 64)),
 }
+
+
+def _kaiming(model: nn.Module) -> nn.Module:
+    """GoogLeNet's own initialisation (std 0.01) makes every logit its bias at these sizes."""
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d | nn.Linear):
+            nn.init.kaiming_normal_(module.weight)
+    return model
 
 
 def _no_zero_layers(model: nn.Module) -> nn.Module:
@@ -129,12 +156,12 @@ def _bpda_gradient(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("name", list(TABLE))
 def test_the_python_api_on_an_architecture(name, tmp_path):
-    factory, shape = TABLE[name]
+    factory, shape, *options = TABLE[name]
     torch.manual_seed(0)
     base = _no_zero_layers(factory().eval())
     g = torch.Generator().manual_seed(1)
     batches = [torch.rand(2, *shape, generator=g) for _ in range(2)]
-    sparse = sparsify(copy.deepcopy(base), shape, fuse_activations=False)
+    sparse = sparsify(copy.deepcopy(base), shape, fuse_activations=False, **(options[0] if options else {}))
     ops = operators(sparse)
     assert ops, name
     assert ("hooks" in name) == (sparse.meansparse_placement.strategy == "hooks")
@@ -167,6 +194,16 @@ def test_the_python_api_on_an_architecture(name, tmp_path):
     loaded = load_checkpoint(tmp_path / "m.pt", _no_zero_layers(factory().eval()))
     with torch.no_grad():
         assert torch.equal(loaded(x), changed)
+    # the original's interface: plain attributes carried over, stochastic depth still stochastic in train()
+    for attribute in ("num_classes", "pretrained_cfg", "num_features"):
+        if hasattr(base, attribute):
+            assert getattr(sparse, attribute) == getattr(base, attribute), attribute
+    if any(
+        getattr(m, "drop_prob", getattr(m, "p", 0)) > 0 for m in base.modules() if "Drop" in type(m).__name__
+    ):
+        trained = copy.deepcopy(sparse)  # train() updates BatchNorm statistics: on a copy
+        with torch.no_grad():
+            assert not torch.equal(trained.train()(x), trained.eval()(x))  # before: frozen to eval
     if sparse.meansparse_placement.strategy == "fx":
         exported = torch.export.export(sparse, (x,))
         with torch.no_grad():
@@ -238,3 +275,69 @@ def test_channel_axes_follow_the_data_flow():
     calibrate(model, batches, progress=False)
     inputs = torch.cat([model.conv(b) for b in batches]).detach().double()
     torch.testing.assert_close(operators(model)[0].mean.double(), inputs.mean((0, 2)), rtol=0, atol=1e-6)
+
+
+class UntraceableInPlace(nn.Module):
+    """In-place activations under hook placement, one of them used as a statement (the model keeps reading the
+    tensor the activation mutated)."""
+
+    def __init__(self, inplace: bool) -> None:
+        super().__init__()
+        self.inplace = inplace
+        self.conv, self.bn, self.act = (
+            nn.Conv2d(3, 8, 3, padding=1),
+            nn.BatchNorm2d(8),
+            nn.ReLU(inplace=inplace),
+        )
+        self.conv2, self.act2, self.head = (
+            nn.Conv2d(8, 8, 3, padding=1),
+            nn.SiLU(inplace=inplace),
+            nn.Linear(8, 4),
+        )
+
+    def forward(self, x):
+        if x.sum() > -1e9:  # data-dependent control flow: hook placement
+            y = self.bn(self.conv(x))
+            if self.inplace:
+                self.act(y)
+            else:
+                y = self.act(y)
+            y = self.act2(self.conv2(y))
+        return self.head(y.mean((2, 3)))
+
+
+@pytest.mark.parametrize("size", [8, 128])  # 2 x 8 x 128 x 128 = 2^18 elements: the fused kernels' size
+@pytest.mark.parametrize("mode", ["exact", "straight_through", "surrogate"])
+def test_hook_placement_with_in_place_activations_in_every_backward_mode(size, mode):
+    """The operator may keep its input for the backward (the fused exact kernel, the surrogate): the in-place
+    activation must not overwrite it. Outputs and input gradients equal the same model without in-place ops."""
+    torch.manual_seed(0)
+    inplace, plain = UntraceableInPlace(True).eval(), UntraceableInPlace(False).eval()
+    plain.load_state_dict(inplace.state_dict())
+    x = torch.rand(2, 3, size, size)
+    results = []
+    for model in (inplace, plain):
+        sparse = sparsify(model, x[:1])
+        assert sparse.meansparse_placement.strategy == "hooks" and len(operators(sparse)) == 2
+        calibrate(sparse, [x], progress=False)
+        set_alpha(sparse, 0.3)
+        xi = x.clone().requires_grad_()
+        with backward_mode(sparse, mode):
+            out = sparse(xi)
+            out.sum().backward()
+        results.append((out.detach(), xi.grad))
+    assert torch.equal(results[0][0], results[1][0])
+    torch.testing.assert_close(results[0][1], results[1][1], rtol=0, atol=1e-7)
+
+
+def test_a_shape_check_traced_into_the_graph_reads_as_a_sentence():
+    """Before: "Input height (Proxy(getitem_2)) doesn't match model (32)", fx's placeholders in the message."""
+    model = timm.create_model(
+        "vit_tiny_patch16_224", num_classes=10, img_size=32, patch_size=8, depth=1
+    ).eval()
+    sparse = sparsify(model, (3, 32, 32))
+    calibrate(sparse, [torch.rand(2, 3, 32, 32)], progress=False)
+    with pytest.raises(AssertionError) as error:
+        sparse(torch.rand(1, 3, 64, 64))
+    assert "Proxy(" not in str(error.value)
+    assert "traced for inputs of shape (3, 32, 32); sparsify the model again" in str(error.value)

@@ -162,6 +162,7 @@ def sparsify(
         return op, replace(site, operator_name=site.operator_name or f"meansparse_{site.index}")
 
     fx_constants: tuple[str, ...] = ()
+    carried: dict[str, Any] = {}
     if used == "published":
         placed = published_sites.insert_operators(model, candidates, chosen, make_operator)
         result: nn.Module = model
@@ -171,7 +172,9 @@ def sparsify(
         # appear in its state dict but not in the model's; exports to other formats leave them out.
         fx_constants = tuple(sorted(set(gm.state_dict()) - source_keys))
         placed = fx_strategy.insert_operators(gm, candidates, chosen, make_operator, config.fuse_activations)
+        fx_strategy.readable_asserts(gm, tuple(x.shape[1:]))
         result = gm
+        carried = _public_data(model, gm)
     else:
         placed = hook_strategy.insert_operators(model, candidates, chosen, make_operator)
         result = model
@@ -183,7 +186,25 @@ def sparsify(
         preserved = result.meta.setdefault("_user_preserved_attributes", {})
         preserved["meansparse_placement"] = placement
         preserved["meansparse_fx_constants"] = fx_constants
+        for name, value in carried.items():
+            setattr(result, name, value)
+            preserved[name] = value
     return result
+
+
+def _public_data(model: nn.Module, gm: fx.GraphModule) -> dict[str, Any]:
+    """The original model's public plain attributes (timm's ``num_classes``, ``pretrained_cfg``, ``num_features``,
+    ...) that the GraphModule fx built does not carry. Methods other than ``forward`` are not carried: run on the
+    sparsified model's modules they would bypass the operators, which live in the traced forward only."""
+    return {
+        name: value
+        for name, value in vars(model).items()
+        if not name.startswith("_")
+        and name != "training"
+        and not callable(value)
+        and not isinstance(value, nn.Module | torch.Tensor)
+        and not hasattr(gm, name)
+    }
 
 
 def sparsify_like(model: nn.Module, placement: Placement) -> nn.Module:

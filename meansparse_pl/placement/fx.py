@@ -13,6 +13,7 @@ from __future__ import annotations
 import fnmatch
 import inspect
 import operator
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any
@@ -39,6 +40,12 @@ from meansparse_pl.placement.registry import PlacementPreset, is_activation_modu
 # Producers that tell the channel axis of the tensor they emit.
 
 
+# stochastic-depth modules (timm's DropPath and DropBlock, torchvision's StochasticDepth) branch on
+# self.training in Python: kept as modules, so the sparsified model still drops paths in train() (fine-tuning
+# through the operators) instead of the eval-mode identity fixed at trace time
+STOCHASTIC_MODULES = ("DropPath", "DropBlock2d", "StochasticDepth")
+
+
 class ActivationLeafTracer(fx.Tracer):
     # the default lets torch.load / multiprocessing re-create the tracer (GraphModule.__reduce__ retraces with
     # a no-argument subclass of the recorded tracer class)
@@ -47,7 +54,7 @@ class ActivationLeafTracer(fx.Tracer):
         self.leaf_patterns = list(leaf_patterns)
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        if isinstance(m, MeanSparse) or is_activation_module(m):
+        if isinstance(m, MeanSparse) or is_activation_module(m) or type(m).__name__ in STOCHASTIC_MODULES:
             return True
         if any(fnmatch.fnmatchcase(module_qualified_name, p) for p in self.leaf_patterns):
             return True
@@ -56,8 +63,9 @@ class ActivationLeafTracer(fx.Tracer):
 
 def trace(model: nn.Module, leaf_modules: Sequence[str]) -> fx.GraphModule:
     tracer = ActivationLeafTracer(leaf_modules)
-    # Trace in eval mode: MeanSparse models are used frozen, and Python branches on `self.training` (timm's
-    # DropPath, F.dropout(training=self.training)) are fixed at trace time.
+    # Trace in eval mode: MeanSparse models are used frozen, and Python branches on `self.training` in traced code
+    # (F.dropout(training=self.training)) are fixed at trace time; nn.Dropout and the STOCHASTIC_MODULES stay
+    # modules and follow train() / eval().
     with eval_mode(model):
         graph = tracer.trace(model)
     gm = fx.GraphModule(tracer.root, graph, model.__class__.__name__)
@@ -65,6 +73,24 @@ def trace(model: nn.Module, leaf_modules: Sequence[str]) -> fx.GraphModule:
     # train / eval state (e.g. frozen BatchNorm in a training model).
     gm.training = model.training
     return gm
+
+
+def readable_asserts(gm: fx.GraphModule, input_shape: tuple[int, ...]) -> None:
+    """Shape checks traced into the graph (``torch._assert``) keep the message fx formatted at trace time, with
+    placeholders for the values (``Input height (Proxy(getitem_2)) doesn't match model (32)``): rewrite it to say
+    what the traced model takes and what to do."""
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target is torch._assert and len(node.args) > 1:
+            message = node.args[1]
+            if isinstance(message, str) and "Proxy(" in message:
+                readable = re.sub(r"\s*\(Proxy\([^)]*\)\)", "", message)  # "height (Proxy(..))" -> "height"
+                readable = re.sub(r"Proxy\([^)]*\)", "another value", readable).rstrip(".! ")
+                node.args = (
+                    node.args[0],
+                    f"{readable}: this sparsified model was traced for inputs of shape {tuple(input_shape)}; "
+                    "sparsify the model again with an example input of the new size.",
+                )
+    gm.recompile()
 
 
 def owner_path(node: fx.Node) -> str:
