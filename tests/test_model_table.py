@@ -341,3 +341,30 @@ def test_a_shape_check_traced_into_the_graph_reads_as_a_sentence():
         sparse(torch.rand(1, 3, 64, 64))
     assert "Proxy(" not in str(error.value)
     assert "traced for inputs of shape (3, 32, 32); sparsify the model again" in str(error.value)
+
+
+def test_a_hook_registered_after_sparsify_on_a_fused_activation_fires():
+    """Before: the fused ReLU module was no longer called, so a hook registered on it later never fired."""
+    model = TV.resnet18(num_classes=10).eval()
+    sparse = sparsify(model, (3, 32, 32))
+    calibrate(sparse, [torch.rand(4, 3, 32, 32)], progress=False)
+    set_alpha(sparse, 0.2)
+    fused = [op for op in operators(sparse) if op.activation is not None]
+    assert fused and fused[0].site_name.endswith("in relu)")
+    x = torch.rand(2, 3, 32, 32)
+    seen = []
+    relu = sparse.get_submodule("layer1.0.relu")  # called twice per forward by torchvision's BasicBlock
+    handle = relu.register_forward_hook(lambda module, args, out: seen.append(out.detach().clone()))
+    with torch.no_grad():
+        hooked = sparse(x)
+    handle.remove()
+    with torch.no_grad():
+        assert torch.equal(sparse(x), hooked)  # the same numbers with and without the hook
+    assert len(seen) == 2 and all(bool((out >= 0).all()) for out in seen)  # ReLU outputs, one per call
+    with torch.no_grad():
+        first = operators(sparse)[1]
+        inputs = []
+        pre = first.register_forward_pre_hook(lambda m, a: inputs.append(a[0].detach().clone()))
+        sparse(x)
+        pre.remove()
+        assert torch.equal(seen[0], torch.relu(first.without_activation(inputs[0])))

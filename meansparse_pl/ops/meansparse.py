@@ -272,7 +272,19 @@ class MeanSparse(nn.Module):
         return inside_band(x, band.centre, band.threshold)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        module = self.__dict__.get("_fused_module")
+        if module is not None and (
+            module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+        ):
+            # a hook was registered on the activation module this operator took over: call the module, so the
+            # hook fires as in the model without the operator (the fused pass resumes once it is removed)
+            return module(self._forward(x, None))
         return self._forward(x, self.activation)
+
+    def attach_fused_module(self, module: nn.Module) -> None:
+        """Remember the activation module whose work :attr:`activation` does (kept outside the submodules, so
+        the state dict and ``named_modules`` are unchanged), so hooks registered on it still fire."""
+        self.__dict__["_fused_module"] = module
 
     def without_activation(self, x: torch.Tensor) -> torch.Tensor:
         """The operator's own output, without the activation placement may have fused into it (for plots

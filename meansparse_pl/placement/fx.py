@@ -178,6 +178,8 @@ def _fuse_into_operator(node: fx.Node, sparsified: fx.Node, op: MeanSparse, gm: 
     if activation is None:
         return ""
     op.activation = activation
+    if node.op == "call_module":  # a hook registered on the module later still fires (see MeanSparse.forward)
+        op.attach_fused_module(gm.get_submodule(node.target))
     node.replace_all_uses_with(sparsified)
     gm.graph.erase_node(node)
     return activation.name
