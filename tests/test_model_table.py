@@ -51,6 +51,7 @@ TABLE = {
         lambda: _kaiming(TV.googlenet(num_classes=10, aux_logits=False, init_weights=True)),
         (3, 64, 64),
     ),
+    "timm-resnet10t": (lambda: timm.create_model("resnet10t", num_classes=10), (3, 32, 32)),
     "timm-resnet18d": (lambda: timm.create_model("resnet18d", num_classes=10), (3, 32, 32)),
     "timm-efficientformer_l1": (
         lambda: timm.create_model("efficientformer_l1", num_classes=10),
