@@ -23,7 +23,7 @@ from meansparse_pl.errors import ConfigurationError
 from meansparse_pl.evaluation import accuracy
 from meansparse_pl.io import atomic_write
 from meansparse_pl.modes import eval_mode
-from meansparse_pl.ops import operators, set_alpha
+from meansparse_pl.ops import operators, set_alpha, temporary_alpha
 
 # attacks computed from others, per sample: name -> the attacks it ANDs
 COMPOSITE_ATTACKS: dict[str, tuple[str, ...]] = {"apgd-ce+dlr": ("apgd-ce", "apgd-dlr")}
@@ -237,31 +237,35 @@ def plot_channel_histogram(
 
 
 def channel_histogram(
-    model: nn.Module, dataset: Dataset, site: int, alpha: float, path: str | os.PathLike
+    model: nn.Module, dataset: Dataset, site: int, alpha: float | None, path: str | os.PathLike
 ) -> str:
-    """Collect one site's input over up to 256 images and plot its most populated channel before / after."""
+    """Collect one site's input over up to 256 images and plot its most populated channel before / after, at
+    ``alpha`` (None: the operator's own); the model's alphas are left as they were."""
     ops = [op for op in operators(model) if op.site_name.startswith(f"site {site} ")]
     if not ops:
         raise ConfigurationError(f"histogram_site {site} is not an operator site; see the placement table.")
     op = ops[0]
     captured: list[torch.Tensor] = []
-    handle = op.register_forward_pre_hook(lambda m, args: captured.append(args[0].detach()))
+    # a copy: an in-place activation after the operator may overwrite its input
+    handle = op.register_forward_pre_hook(lambda m, args: captured.append(args[0].detach().clone()))
     images = torch.stack([dataset[i][0] for i in range(min(256, len(dataset)))])  # type: ignore[arg-type]
-    if alpha is not None:
-        set_alpha(model, alpha)
-    alpha = float(op.alpha)
-    try:
-        with torch.no_grad(), eval_mode(model):
-            model(images.to(op.mean.device))
-    finally:
-        handle.remove()
-    features = captured[0].movedim(op.channel_dim, -1).reshape(-1, op.num_channels)
-    channel = int(torch.argmax(op.var))
-    after = (
-        op.without_activation(captured[0])
-        .movedim(op.channel_dim, -1)
-        .reshape(-1, op.num_channels)[:, channel]
-    )
+    with temporary_alpha(model):
+        if alpha is not None:
+            set_alpha(model, alpha)
+        alpha = op.alpha_value
+        try:
+            with torch.no_grad(), eval_mode(model):
+                model(images.to(op.mean.device))
+        finally:
+            handle.remove()
+        features = captured[0].movedim(op.channel_dim, -1).reshape(-1, op.num_channels)
+        channel = int(torch.argmax(op.var))
+        with torch.no_grad():
+            after = (
+                op.without_activation(captured[0])
+                .movedim(op.channel_dim, -1)
+                .reshape(-1, op.num_channels)[:, channel]
+            )
     return plot_channel_histogram(
         features[:, channel].cpu().numpy(),
         after.detach().cpu().numpy(),

@@ -73,3 +73,23 @@ def test_summarise_is_a_per_sample_and():
     }
     out = summarise(per_sample, ["clean", "apgd-ce", "apgd-dlr", "apgd-ce+dlr"])
     assert out == {"clean": 75.0, "apgd-ce": 50.0, "apgd-dlr": 50.0, "apgd-ce+dlr": 25.0, "best_known": 25.0}
+
+
+def test_the_channel_histogram_leaves_the_models_alphas_as_they_were(tmp_path):
+    """Before: the histogram set its alpha on every operator and left it there (the model then ran at the
+    histogram's alpha, not the checkpoint's)."""
+    import torch
+    from conftest import FunctionalResNet, make_batches, randomize_batchnorm
+    from torch.utils.data import TensorDataset
+
+    from meansparse_pl import alphas_of, calibrate, set_alpha, sparsify
+    from meansparse_pl.report import channel_histogram
+
+    model = sparsify(randomize_batchnorm(FunctionalResNet()).eval(), (3, 8, 8))
+    batches = make_batches((3, 8, 8), 16, 8, seed=3)
+    calibrate(model, batches, progress=False)
+    set_alpha(model, [0.1, 0.2, 0.3, 0.4, 0.5])
+    data = TensorDataset(torch.cat(batches), torch.zeros(16, dtype=torch.long))
+    channel_histogram(model, data, 1, 0.9, tmp_path / "histogram.png")
+    assert all(abs(a - b) < 1e-7 for a, b in zip(alphas_of(model), [0.1, 0.2, 0.3, 0.4, 0.5], strict=True))
+    assert (tmp_path / "histogram.png").stat().st_size > 1000
