@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from meansparse_pl import preemption
 from meansparse_pl.config import check_optional_positive_int
 from meansparse_pl.errors import CheckpointError, ConfigurationError, DataNotFoundError, StatisticsError
-from meansparse_pl.inputs import InputProblems, check_images
+from meansparse_pl.inputs import InputProblems, check_images, parameter_dtype
 from meansparse_pl.io import atomic_torch_save, batch_digest, safe_load, state_digest
 from meansparse_pl.modes import eval_mode
 from meansparse_pl.ops import MeanSparse, require_operators
@@ -125,8 +125,7 @@ class Calibrator:
         # the input layer's device (a model without parameters: its first operator's)
         default = next((p.device for p in model.parameters()), self.operators[0].mean.device)
         self.device = torch.device(device) if device is not None else default
-        floating = [p.dtype for p in model.parameters() if p.is_floating_point()]
-        self.dtype: torch.dtype = floating[0] if floating else torch.float32
+        self.dtype: torch.dtype = parameter_dtype(model)
         sync = merge_across_processes(distributed)
         by_device: dict[torch.device, list[int]] = {}
         for site, op in enumerate(self.operators):
@@ -171,7 +170,8 @@ class Calibrator:
         if not self._checked_first:  # the first batch in full, at once (one host read)
             images = check_images(images, where=where, input_shape=self.expected_shape, dtype=self.dtype)
             self._checked_first = True
-        check_input_shape(self.expected_shape, images, where)
+        else:
+            check_input_shape(self.expected_shape, images, where)
         images = images.to(self.device, non_blocking=True)
         self.problems.update(images, batch=self.batches)
         images = images.to(self.dtype)

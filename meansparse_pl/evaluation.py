@@ -40,6 +40,7 @@ from meansparse_pl.inputs import (
     check_images,
     check_labels,
     logits_of,
+    parameter_dtype,
     sample_pair,
 )
 from meansparse_pl.io import batch_digest
@@ -118,6 +119,7 @@ class EvaluationModule(pl.LightningModule):
         self.attacked = 0  # attacks run on a batch (not taken from the resume state)
         self.problems = InputProblems(sync_on_compute=sync)  # every batch's input check, read once at the end
         self.num_classes: int | None = None  # read from the model's output on the first batch
+        self.input_dtype = torch.float32
         self._digests: list[str | None] = []  # content digests of the batches moved to the device, in order
         # fewer batches than processes: a process without a batch still takes part in the merge (gathered)
         self.allow_zero_length_dataloader_with_multiple_devices = True
@@ -137,6 +139,7 @@ class EvaluationModule(pl.LightningModule):
         self.seen = []
         self.attacked = 0
         self.num_classes = None
+        self.input_dtype = parameter_dtype(self.model)  # what float64 images are converted to
         self._digests = []
         self.problems.reset()
         for metric in self.rows.values():
@@ -156,7 +159,7 @@ class EvaluationModule(pl.LightningModule):
     def _checked(self, images: Any, labels: Tensor, batch_idx: int) -> Tensor:
         """The input contract (:mod:`meansparse_pl.inputs`): the first batch in full, with one forward pass
         to read the model's class count; every batch cheaply, read once at the end (:meth:`gathered`)."""
-        dtype = next((p.dtype for p in self.model.parameters() if p.is_floating_point()), torch.float32)
+        dtype = self.input_dtype
         if self.num_classes is None:
             where = f"evaluation batch {batch_idx}"
             images = check_images(

@@ -162,7 +162,8 @@ def fingerprint_of(
         f"{name}.alpha" if name else "alpha" for name, m in model.named_modules() if isinstance(m, MeanSparse)
     }
     model_alphas = [op.alpha_value for op in operators(model)]
-    digest = state_digest(model.state_dict(), skip=operator_alphas)
+    state = model.state_dict()
+    digest = state_digest(state, skip=operator_alphas)
     spec = [
         (
             t.key,
@@ -176,7 +177,7 @@ def fingerprint_of(
         for t in tasks
     ]
     num_samples = len(dataset)  # type: ignore[arg-type]
-    where = sorted({(str(t.dtype), t.device.type) for t in model.state_dict().values()})
+    where = sorted({(str(t.dtype), t.device.type) for t in state.values()})
     digest.update(
         json.dumps(
             [spec, num_samples, seed, _selected_indices(dataset), precision, where], default=str

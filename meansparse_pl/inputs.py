@@ -22,10 +22,15 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torchmetrics import Metric
 
 from meansparse_pl.errors import ConfigurationError, DataFormatError, PixelRangeError
+
+
+def parameter_dtype(model: nn.Module, default: torch.dtype = torch.float32) -> torch.dtype:
+    """The dtype a model computes in: that of its first floating-point parameter (``default`` without one)."""
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), default)
 
 
 def range_problem(low: float, high: float, nonfinite: int) -> str | None:
@@ -273,6 +278,7 @@ __all__ = [
     "check_images",
     "check_labels",
     "label_problem",
+    "parameter_dtype",
     "logits_of",
     "range_problem",
     "sample_pair",

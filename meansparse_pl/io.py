@@ -217,16 +217,7 @@ def output_lock(folder: str | os.PathLike, lock_name: str = LOCK_NAME) -> Iterat
             raise OutputError(
                 f"cannot write in {folder} ({error.strerror}); choose a folder you can write to."
             ) from None
-        try:
-            with os.fdopen(fd, "w") as handle:
-                handle.write(owner)
-        except OSError as error:
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
-            raise OutputError(
-                f"cannot write the lock {path} ({error.strerror}: a full disk?); free space on its device or choose "
-                "another output folder."
-            ) from None
+        _write_owner(fd, path, owner)
         break
     else:
         raise OutputError(f"cannot take the lock {path}; delete it if no run is using {folder}.")
@@ -240,6 +231,20 @@ def output_lock(folder: str | os.PathLike, lock_name: str = LOCK_NAME) -> Iterat
         with contextlib.suppress(FileNotFoundError):
             if path.read_text() == owner:
                 path.unlink()
+
+
+def _write_owner(fd: int, path: Path, owner: str) -> None:
+    """The new lock file's content; a lock that cannot be written (a full disk) is removed and refused."""
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(owner)
+    except OSError as error:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        raise OutputError(
+            f"cannot write the lock {path} ({error.strerror}: a full disk?); free space on its device or choose "
+            "another output folder."
+        ) from None
 
 
 def _lock_holder(path: Path) -> tuple[str, int] | None:

@@ -163,9 +163,7 @@ class LightningSubcommands(pl.Trainer):
             verbose: Print the results.
             network: Any nn.Module (class_path + init_args) to use instead of the model section's backbone.
         """
-        model, ckpt_path = self._weights_from(self.with_network(model, network), ckpt_path, network)
-        with stopped_as_interrupted(self, "validate"):
-            return super().validate(model, dataloaders, ckpt_path, verbose, datamodule)
+        return self._evaluation_stage("validate", model, dataloaders, ckpt_path, verbose, datamodule, network)
 
     def test(  # type: ignore[override]
         self,
@@ -183,9 +181,22 @@ class LightningSubcommands(pl.Trainer):
             verbose: Print the results.
             network: Any nn.Module (class_path + init_args) to use instead of the model section's backbone.
         """
+        return self._evaluation_stage("test", model, dataloaders, ckpt_path, verbose, datamodule, network)
+
+    def _evaluation_stage(
+        self,
+        stage: str,
+        model: Any,
+        dataloaders: Any,
+        ckpt_path: str | None,
+        verbose: bool,
+        datamodule: pl.LightningDataModule | None,
+        network: nn.Module | None,
+    ) -> Any:
+        """Lightning's ``validate`` or ``test`` with the network, a MeanSparse checkpoint and the clean stop."""
         model, ckpt_path = self._weights_from(self.with_network(model, network), ckpt_path, network)
-        with stopped_as_interrupted(self, "test"):
-            return super().test(model, dataloaders, ckpt_path, verbose, datamodule)
+        with stopped_as_interrupted(self, stage):
+            return getattr(super(), stage)(model, dataloaders, ckpt_path, verbose, datamodule)
 
     @staticmethod
     def with_network(model: Any, network: nn.Module | None) -> Any:

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from meansparse_pl.ops import kernels
+from meansparse_pl.ops import MeanSparse, kernels, operators
 
 
 # ------------------------------------------------------------------------------------------ CNN models
@@ -317,6 +317,24 @@ def make_batches(shape: tuple[int, ...], n: int, batch_size: int, seed: int = 0)
     g = torch.Generator().manual_seed(seed)
     data = torch.rand(n, *shape, generator=g)  # pixels in [0, 1], as every image path requires
     return list(data.split(batch_size))
+
+
+def capture_operator_inputs(model: nn.Module, batches) -> dict[MeanSparse, torch.Tensor]:
+    """Every operator's exact input over ``batches`` (forward pre-hooks, no_grad), concatenated on N; a copy, so an
+    in-place activation after the operator cannot change it."""
+    seen: dict[MeanSparse, list[torch.Tensor]] = {op: [] for op in operators(model)}
+    handles = [
+        op.register_forward_pre_hook(lambda m, args: seen[m].append(args[0].detach().clone()))
+        for op in operators(model)
+    ]
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                model(batch)
+    finally:
+        for h in handles:
+            h.remove()
+    return {op: torch.cat(values) for op, values in seen.items()}
 
 
 @pytest.fixture

@@ -14,6 +14,7 @@ import pytest
 import timm
 import torch
 import torchvision
+from conftest import capture_operator_inputs
 from timm.models.mlp_mixer import MlpMixer
 from torch import nn
 
@@ -117,22 +118,6 @@ def _layer_widths(model: nn.Module) -> set[int]:
     return widths
 
 
-def _operator_inputs(model: nn.Module, batches) -> dict:
-    seen = {op: [] for op in operators(model)}
-    handles = [
-        op.register_forward_pre_hook(lambda m, a: seen[m].append(a[0].detach().clone()))
-        for op in operators(model)
-    ]
-    try:
-        with torch.no_grad():
-            for batch in batches:
-                model(batch)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return {op: torch.cat(values) for op, values in seen.items()}
-
-
 def _bpda_gradient(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The straight-through gradient by its textbook formula, independent of the operators' own backward: each
     operator's output is ``x + (op(x) - x).detach()``."""
@@ -176,7 +161,7 @@ def test_the_python_api_on_an_architecture(name, tmp_path):
     with torch.no_grad():
         assert torch.equal(sparse(x), base(x))  # alpha 0: the base model, bit for bit
     # statistics: a float64 brute force of every operator's input on its axis
-    for op, inputs in _operator_inputs(sparse, batches).items():
+    for op, inputs in capture_operator_inputs(sparse, batches).items():
         flat = inputs.double().movedim(op.channel_dim % inputs.dim(), -1).reshape(-1, op.num_channels)
         torch.testing.assert_close(op.mean.double(), flat.mean(0), rtol=0, atol=1e-5)
         torch.testing.assert_close(op.var.double(), flat.var(0, unbiased=False), rtol=1e-4, atol=1e-6)

@@ -22,6 +22,7 @@ from conftest import (
     SquareplusNet,
     TransformerBlockNet,
     WideResNetTiny,
+    capture_operator_inputs,
     make_batches,
     randomize_batchnorm,
 )
@@ -29,7 +30,7 @@ from torch import nn
 
 from meansparse_pl import calibrate, describe, find_sites, register_activation, set_alpha, sparsify
 from meansparse_pl.errors import ConfigurationError, PlacementError
-from meansparse_pl.ops import MeanSparse, operators
+from meansparse_pl.ops import operators
 from meansparse_pl.placement import Placement, layout, placement_of, registry
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -115,23 +116,6 @@ def _batches(shape, n=24, batch_size=8, seed=0):
     return make_batches(shape, n, batch_size, seed=seed)
 
 
-def _capture_operator_inputs(model: nn.Module, batches) -> dict[MeanSparse, torch.Tensor]:
-    """The exact input of every operator over ``batches`` (forward pre-hooks, no_grad), concatenated on N."""
-    seen: dict[MeanSparse, list[torch.Tensor]] = {op: [] for op in operators(model)}
-    handles = [
-        op.register_forward_pre_hook(lambda m, args: seen[m].append(args[0].detach().clone()))
-        for op in operators(model)
-    ]
-    try:
-        with torch.no_grad():
-            for batch in batches:
-                model(batch)
-    finally:
-        for h in handles:
-            h.remove()
-    return {op: torch.cat(values) for op, values in seen.items()}
-
-
 def _reference_moments(x: torch.Tensor, channel_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     channel_dim = channel_dim % x.dim()
     flat = x.double().movedim(channel_dim, -1).reshape(-1, x.shape[channel_dim])
@@ -169,7 +153,7 @@ def test_placement_on_architecture(name):
             assert torch.equal(sparse(batch), ref)
 
     # the statistics were taken on the channel axis placement chose (checks the layout numerically)
-    captured = _capture_operator_inputs(sparse, batches)
+    captured = capture_operator_inputs(sparse, batches)
     for op in ops:
         mean, var = _reference_moments(captured[op], op.channel_dim)
         torch.testing.assert_close(op.mean.double(), mean, rtol=1e-6, atol=1e-6 * var.sqrt().max().item())

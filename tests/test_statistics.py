@@ -14,6 +14,7 @@ from conftest import (
     FunctionalResNet,
     TransformerBlockNet,
     WideResNetTiny,
+    capture_operator_inputs,
     make_batches,
     randomize_batchnorm,
 )
@@ -28,7 +29,7 @@ from meansparse_pl.errors import (
     PlacementError,
     StatisticsError,
 )
-from meansparse_pl.ops import MeanSparse, operators
+from meansparse_pl.ops import operators
 from meansparse_pl.statistics import Moments, OperatorMoments, batch_moments, merge_moments
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -41,23 +42,6 @@ def reference_moments(x: torch.Tensor, channel_dim: int) -> tuple[torch.Tensor, 
     mean = flat.sum(0) / flat.shape[0]
     var = ((flat - mean) ** 2).sum(0) / flat.shape[0]
     return mean, var, flat.shape[0]
-
-
-def capture_operator_inputs(model: nn.Module, batches) -> dict[MeanSparse, torch.Tensor]:
-    """Every operator's exact input over ``batches`` (forward pre-hooks during a no_grad forward at alpha 0)."""
-    seen: dict[MeanSparse, list[torch.Tensor]] = {op: [] for op in operators(model)}
-    handles = [
-        op.register_forward_pre_hook(lambda m, args: seen[m].append(args[0].detach().clone()))
-        for op in operators(model)
-    ]
-    try:
-        with torch.no_grad():
-            for batch in batches:
-                model(batch)
-    finally:
-        for h in handles:
-            h.remove()
-    return {op: torch.cat(values) for op, values in seen.items()}
 
 
 def assert_relative(actual: torch.Tensor, expected: torch.Tensor, tolerance: float, scale=None) -> None:

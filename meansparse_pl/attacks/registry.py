@@ -30,7 +30,7 @@ from meansparse_pl.attacks.common import (
 from meansparse_pl.attacks.pgd import check_box
 from meansparse_pl.config import AttackConfig, ThreatModel, check_number, check_positive_int
 from meansparse_pl.errors import ConfigurationError
-from meansparse_pl.inputs import logits_of
+from meansparse_pl.inputs import logits_of, parameter_dtype
 from meansparse_pl.ops import backward_mode, operators
 from meansparse_pl.ops.functions import DEFAULT_TEMPERATURE, check_backward_mode
 
@@ -209,7 +209,7 @@ def run_attack(
         # Allocated here, outside any caller's inference mode, so that it can be filled in place.
         result = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
         x = x.detach().clone()
-        dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), x.dtype)
+        dtype = parameter_dtype(model, default=x.dtype)
         if x.dtype == torch.float64 and dtype != torch.float64:  # float64 images for a float32 model
             x = x.to(dtype)
         y = y.detach().clone().long()
