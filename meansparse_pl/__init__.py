@@ -5,7 +5,8 @@ from meansparse_pl.attacks import run_attack, worst_case
 from meansparse_pl.calibration import CalibrationSummary, calibrate
 from meansparse_pl.callback import AlphaSearchCallback, MeanSparseCallback
 from meansparse_pl.checkpoint import load_checkpoint, save_checkpoint
-from meansparse_pl.config import AttackConfig, PlacementConfig, ThreatModel
+from meansparse_pl.config import AttackConfig, DiagnosticsConfig, PlacementConfig, ThreatModel
+from meansparse_pl.diagnostics import Diagnostics, diagnose
 from meansparse_pl.errors import MeanSparseError
 from meansparse_pl.ops import MeanSparse, alphas_of, backward_mode, get_alpha, operators, set_alpha
 from meansparse_pl.placement import (
@@ -27,6 +28,8 @@ __all__ = [
     "AlphaSearchResult",
     "AttackConfig",
     "CalibrationSummary",
+    "Diagnostics",
+    "DiagnosticsConfig",
     "Exhaustive",
     "MeanSparse",
     "MeanSparseCallback",
@@ -41,6 +44,7 @@ __all__ = [
     "calibrate",
     "convert_published",
     "describe",
+    "diagnose",
     "find_sites",
     "get_alpha",
     "load_checkpoint",

@@ -143,6 +143,7 @@ class MeanSparseCLI(LightningCLI):
             "alpha_search": {"model", "datamodule"},
             "evaluate": {"model", "datamodule"},
             "compare": {"model", "datamodule"},
+            "diagnose": {"model", "datamodule"},
         }
 
     def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
@@ -176,7 +177,7 @@ class MeanSparseCLI(LightningCLI):
                 "init_args": init_args.as_dict() if hasattr(init_args, "as_dict") else dict(init_args or {}),
             }
 
-    before_postprocess = before_alpha_search = before_evaluate = _record_network
+    before_postprocess = before_alpha_search = before_evaluate = before_diagnose = _record_network
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         """Link the datamodule's data-set facts into the model at instantiation time."""

@@ -30,7 +30,8 @@ from meansparse_pl.attacks import (
     paired_gap,
     worst_case,
 )
-from meansparse_pl.config import AttackConfig, ThreatModel
+from meansparse_pl.config import AttackConfig, DiagnosticsConfig, ThreatModel
+from meansparse_pl.diagnostics import Diagnostics, diagnose
 from meansparse_pl.errors import ConfigurationError
 from meansparse_pl.evaluation import EvaluationTask, accuracy, run_tasks
 from meansparse_pl.report import COMPOSITE_ATTACKS, atomic_attacks
@@ -69,6 +70,7 @@ class ModelComparison:
     per_sample: dict[str, dict[str, PerSample]]  # label -> atomic attack -> sample -> correct
     settings: dict[str, str] = field(default_factory=dict)  # label -> how its operators were set
     seconds: dict[str, float] = field(default_factory=dict)  # label -> evaluation wall time
+    diagnostics: Diagnostics | None = None  # the indicators of attack failure, per model
 
     def __post_init__(self) -> None:
         if self.control not in self.per_sample:
@@ -184,6 +186,8 @@ class ModelComparison:
             adds = self.first_breaks(lab)
             lines.append(f"| {lab} | " + " | ".join(f"{adds.get(a, 0.0):.2f}" for a in order) + " |")
         lines += ["", self.conclusion()]
+        if self.diagnostics is not None:
+            lines += ["", self.diagnostics.table()]
         return "\n".join(lines)
 
     def conclusion(self) -> str:
@@ -261,10 +265,19 @@ class ModelComparison:
                     gap, error = self.difference(lab, column)
                     out[f"compare/{lab}/vs_control/{column}"] = gap
                     out[f"compare/{lab}/vs_control/{column}_se"] = error
+        if self.diagnostics is not None:
+            out.update(self.diagnostics.metrics("compare"))
         return out
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        diagnostics = {}
+        if self.diagnostics is not None:
+            diagnostics = {
+                "diagnostics": self.diagnostics.to_json(),
+                "diagnostics_subset": self.diagnostics.subset,
+                "diagnostics_seconds": self.diagnostics.seconds,
+            }
+        return diagnostics | {
             "norm": self.norm,
             "eps": self.eps,
             "control": self.control,
@@ -305,6 +318,13 @@ class ModelComparison:
             },
             settings=dict(data.get("settings") or {}),
             seconds={k: float(v) for k, v in (data.get("seconds") or {}).items()},
+            diagnostics=Diagnostics.from_json(
+                data["diagnostics"],
+                int(data.get("diagnostics_subset", 0)),
+                float(data.get("diagnostics_seconds", 0.0)),
+            )
+            if "diagnostics" in data
+            else None,
         )
 
 
@@ -321,9 +341,12 @@ def compare_models(
     trainer: pl.Trainer | None = None,
     distributed: bool | None = None,
     settings: Mapping[str, str] | None = None,
+    diagnostics: DiagnosticsConfig | None = DiagnosticsConfig(),
 ) -> ModelComparison:
     """Attack every model on every sample of ``dataset`` with the same attacks and seeds; ``control`` is the label
-    every other model is compared with. Each model has its own resume state in ``state_dir``."""
+    every other model is compared with. Each model has its own resume state in ``state_dir``. ``diagnostics``
+    (None: none) runs the indicators of attack failure on each model (no collective: every process computes the
+    same)."""
     if control not in models:
         raise ConfigurationError(
             f"the control {control!r} is not one of the compared models {sorted(models)}; name one of their "
@@ -350,6 +373,22 @@ def compare_models(
             distributed=distributed,
         )
         seconds[label] = round(time.perf_counter() - started, 1)
+    found = None
+    if diagnostics is not None:
+        found = Diagnostics(subset=min(diagnostics.subset, len(dataset)))  # type: ignore[arg-type]
+        for label, model in models.items():
+            part = diagnose(
+                model,
+                dataset,
+                threat=threat,
+                attacks=attacks,
+                config=diagnostics,
+                variants={label: None},
+                seed=seed,
+                verdicts={(label, threat.eps): per_sample[label]},
+            )
+            found.indicators += part.indicators
+            found.seconds = round(found.seconds + part.seconds, 2)
     return ModelComparison(
         norm=threat.norm,
         eps=threat.eps,
@@ -359,4 +398,5 @@ def compare_models(
         per_sample=per_sample,
         settings=dict(settings or {}),
         seconds=seconds,
+        diagnostics=found,
     )

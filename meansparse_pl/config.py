@@ -264,6 +264,8 @@ class AttackConfig:
         n_iter: Iterations of every attack that takes n_iter (the APGD family, FAB, AutoAttack); None keeps
             each attack's standard setting (100).
         n_restarts: Restarts of every attack that takes n_restarts; None keeps each attack's default.
+        eot_iter: Gradients averaged per step by every gradient attack (Expectation over Transformation), for a
+            model whose forward pass is random (the diagnostics say when: e.g. 20); None keeps 1.
         options: Per attack name, options that override the two above, e.g. {"pgd": {"steps": 50}}.
         cascade: Attacks for the best-known column only, run in this order on the samples that every earlier
             attack failed to break (a cheaper worst case: each one skips what is already broken), e.g.
@@ -273,6 +275,7 @@ class AttackConfig:
     names: list[str] = field(default_factory=lambda: ["clean", "apgd-ce"])
     n_iter: int | None = None
     n_restarts: int | None = None
+    eot_iter: int | None = None
     options: dict[str, dict[str, Any]] = field(default_factory=dict)
     cascade: list[str] = field(default_factory=list)
 
@@ -287,6 +290,7 @@ class AttackConfig:
         object.__setattr__(self, "names", list(names))
         object.__setattr__(self, "n_iter", check_optional_positive_int("n_iter", self.n_iter))
         object.__setattr__(self, "n_restarts", check_optional_positive_int("n_restarts", self.n_restarts))
+        object.__setattr__(self, "eot_iter", check_optional_positive_int("eot_iter", self.eot_iter))
         options = self.options or {}
         if not isinstance(options, Mapping) or not all(
             isinstance(k, str) and isinstance(v, Mapping) for k, v in options.items()
@@ -335,3 +339,51 @@ class ComparedModel:
             )
         if self.alpha is not None:
             object.__setattr__(self, "alpha", check_alpha(self.alpha))
+
+
+# ----------------------------------------------------------------------------------------- diagnostics
+@dataclass(frozen=True)
+class DiagnosticsConfig:
+    """The attack-failure diagnostics that run with every ``evaluate``, ``compare`` and ``diagnose``
+    (:mod:`meansparse_pl.diagnostics`).
+
+    Args:
+        subset: Samples of the seeded subset the model-probing indicators run on (gradients, randomness, loss
+            trace, stronger attacks, large eps); the per-sample indicators use every evaluated sample.
+        forwards: Forward passes of the randomness check (AutoAttack's check uses 5).
+        large_eps: Radius of the unconstrained check, where robust accuracy must be about zero; null: 0.5 for
+            Linf and 0.5 * sqrt(input size) for L2 (both reach the mid-grey image from any image).
+        significance: Level of the one-sided binomial test that decides whether a count of samples is beyond
+            what an indicator's tolerated rate allows on the samples measured.
+        expensive: Also run the stronger attacks (twice the iterations, one more restart) and the large-eps
+            attack on the subset.
+    """
+
+    subset: int = 100
+    forwards: int = 5
+    large_eps: float | None = None
+    significance: float = 0.01
+    expensive: bool = True
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "subset", check_positive_int("diagnostics.subset", self.subset))
+        forwards = check_positive_int("diagnostics.forwards", self.forwards)
+        if forwards < 2:
+            raise ConfigurationError(
+                f"diagnostics.forwards must be at least 2 (repeated forwards are compared), got {forwards}."
+            )
+        object.__setattr__(self, "forwards", forwards)
+        if self.large_eps is not None:
+            object.__setattr__(
+                self,
+                "large_eps",
+                check_number("diagnostics.large_eps", self.large_eps, minimum=0.0, strict=True),
+            )
+        significance = check_number("diagnostics.significance", self.significance, minimum=0.0, strict=True)
+        if significance >= 0.5:
+            raise ConfigurationError(
+                f"diagnostics.significance is a test level in (0, 0.5), e.g. 0.01; got {significance}."
+            )
+        object.__setattr__(self, "significance", significance)
+        if not isinstance(self.expensive, bool):
+            raise ConfigurationError(f"diagnostics.expensive must be true or false, got {self.expensive!r}.")

@@ -19,6 +19,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from meansparse_pl.attacks import worst_case
+from meansparse_pl.diagnostics import Diagnostics
 from meansparse_pl.errors import ConfigurationError
 from meansparse_pl.evaluation import accuracy
 from meansparse_pl.io import atomic_write
@@ -71,6 +72,7 @@ class RobustnessReport:
     large_eps: float | None = None
     operator_alphas: list[float] | None = None  # the per-operator alphas of a variant whose alpha is None
     cascade: list[str] | None = None  # attacks in the best-known column only, run on the survivors in order
+    diagnostics: Diagnostics | None = None  # the indicators of attack failure (meansparse_pl.diagnostics)
 
     # --------------------------------------------------------------------------------------- checks
     def sanity_checks(self) -> list[str]:
@@ -98,8 +100,8 @@ class RobustnessReport:
                     gap = r.accuracy["apgd-ce"] - r.accuracy[adaptive]
                     if gap > 1.0:
                         findings.append(
-                            f"FLAG {tag}: {words} is {gap:.2f} points below APGD-CE: the MeanSparse operators "
-                            "mask gradients; quote the best-known number, not APGD-CE"
+                            f"FLAG {tag}: {words} is {gap:.2f} points below APGD-CE: gradients are masked, "
+                            f"cause measured: {self.masking_cause(r.name)}; quote the best-known number, not APGD-CE"
                         )
         for name in {r.name for r in self.results}:
             series = sorted((r.eps, r.accuracy["best_known"]) for r in self.results if r.name == name)
@@ -117,6 +119,11 @@ class RobustnessReport:
                 f"({'about zero, as it must be' if ok else 'not about zero: the attack does not work on this model'})"
             )
         return findings
+
+    def masking_cause(self, variant: str) -> str:
+        if self.diagnostics is None:
+            return "not measured (no diagnostics)"
+        return self.diagnostics.masking_cause(variant)
 
     # -------------------------------------------------------------------------------------- rendering
     def table(self) -> str:
@@ -158,6 +165,8 @@ class RobustnessReport:
             "Sanity checks:",
         ]
         lines += [f"- {line}" for line in self.sanity_checks()]
+        if self.diagnostics is not None:
+            lines += ["", self.diagnostics.table()]
         return "\n".join(lines)
 
     def to_json(self) -> dict[str, Any]:
@@ -174,6 +183,10 @@ class RobustnessReport:
             data["operator_alphas"] = self.operator_alphas
         if self.cascade:
             data["cascade"] = self.cascade
+        if self.diagnostics is not None:
+            data["diagnostics"] = self.diagnostics.to_json()
+            data["diagnostics_subset"] = self.diagnostics.subset
+            data["diagnostics_seconds"] = self.diagnostics.seconds
         return data
 
     def metrics(self) -> dict[str, float]:
@@ -185,6 +198,8 @@ class RobustnessReport:
             for attack, value in r.accuracy.items()
         }
         out.update({f"evaluate/{name}/large_eps": value for name, value in self.large_eps_check.items()})
+        if self.diagnostics is not None:
+            out.update(self.diagnostics.metrics("evaluate"))
         return out
 
 

@@ -20,6 +20,7 @@ from meansparse_pl.checkpoint import load_checkpoint, load_model_or_weights, loa
 from meansparse_pl.config import (
     AttackConfig,
     ComparedModel,
+    DiagnosticsConfig,
     PlacementConfig,
     ThreatModel,
     check_alpha,
@@ -61,9 +62,10 @@ def check_options(subcommand: str, options: Mapping[str, Any]) -> None:
     """Every check of a MeanSparse subcommand's own options that needs no data and no model: attack names and
     options, threat model, alphas, batch sizes, limits, paths. ``cli.py`` runs it right after parsing, so a bad
     value is one line before anything is loaded; the subcommand itself runs it again on its arguments."""
-    if subcommand not in ("postprocess", "alpha_search", "evaluate", "compare"):
+    if subcommand not in ("postprocess", "alpha_search", "evaluate", "compare", "diagnose"):
         return
     get = options.get
+    _as(DiagnosticsConfig, get("diagnostics"))
     check_positive_int("batch_size", get("batch_size", 1), "the number of images per attacked batch")
     check_optional_positive_int("limit_samples", get("limit_samples"), "or null for every sample")
     if subcommand == "postprocess":
@@ -209,3 +211,16 @@ def load_trained_weights(module: pl.LightningModule, checkpoint: str, *, from_ne
         )
         return
     load_weights(module.model, checkpoint, hint="check model.backbone / backbone_kwargs or --network.")
+
+
+def evaluated_variants(
+    sparse: nn.Module, alpha: float | None, compare_base: bool
+) -> tuple[float | tuple[float, ...], list[tuple[str, float | tuple[float, ...]]]]:
+    """The MeanSparse setting of ``evaluate`` / ``diagnose`` (``alpha``, else the checkpoint's one shared alpha or
+    one per operator) and the variants to run: it, and the base model (alpha 0) unless that is the same."""
+    own = alphas_of(sparse)
+    setting: float | tuple[float, ...] = (
+        check_alpha(alpha) if alpha is not None else (own[0] if len(set(own)) == 1 else tuple(own))
+    )
+    same_as_base = not isinstance(setting, tuple) and setting == 0
+    return setting, [("meansparse", setting)] + ([("base", 0.0)] if compare_base and not same_as_base else [])

@@ -35,7 +35,14 @@ from meansparse_pl.attacks import options_for, worst_case
 from meansparse_pl.calibration import CalibrationModule, images_of
 from meansparse_pl.checkpoint import resave_checkpoint, save_checkpoint
 from meansparse_pl.comparison import compare_models
-from meansparse_pl.config import AttackConfig, ComparedModel, PlacementConfig, ThreatModel, check_alpha
+from meansparse_pl.config import (
+    AttackConfig,
+    ComparedModel,
+    DiagnosticsConfig,
+    PlacementConfig,
+    ThreatModel,
+)
+from meansparse_pl.diagnostics import diagnose
 from meansparse_pl.errors import ConfigurationError
 from meansparse_pl.evaluation import EvaluationTask, run_tasks
 from meansparse_pl.io import (
@@ -45,7 +52,7 @@ from meansparse_pl.io import (
     write_report,
 )
 from meansparse_pl.lightning_runs import LightningSubcommands
-from meansparse_pl.ops import alphas_of, set_alpha
+from meansparse_pl.ops import set_alpha
 from meansparse_pl.placement import describe, sparsify
 from meansparse_pl.report import (
     RobustnessReport,
@@ -60,6 +67,7 @@ from meansparse_pl.steps import (
     check_data_fits,
     check_options,
     compared_model,
+    evaluated_variants,
     first_samples,
     load_trained_weights,
     operator_setting,
@@ -251,6 +259,7 @@ class MeanSparseTrainer(LightningSubcommands):
         output_dir: str = "runs/evaluate",
         resume: bool = True,
         histogram_site: int | None = None,
+        diagnostics: DiagnosticsConfig = DiagnosticsConfig(),
     ) -> None:
         """Attack the MeanSparse model and its base model; report per-attack and best-known accuracy.
 
@@ -272,6 +281,8 @@ class MeanSparseTrainer(LightningSubcommands):
             output_dir: Where evaluation.md / .json, plots and the resume state go.
             resume: Continue an interrupted evaluation from its state file.
             histogram_site: Also plot this operator site's channel histogram before / after (paper Fig. 1).
+            diagnostics: The indicators of attack failure that run with the evaluation (subset size, forwards,
+                large eps, test level; see DiagnosticsConfig).
         """
         check_options("evaluate", locals())
         radii = sorted({threat.eps, *(threat.with_eps(e).eps for e in extra_eps or [])})
@@ -279,13 +290,7 @@ class MeanSparseTrainer(LightningSubcommands):
         out = Path(output_dir)
         with self._holding(out):
             sparse = self._calibrated_model(checkpoint, network, model)
-            own = alphas_of(sparse)
-            if alpha is not None:
-                setting: float | tuple[float, ...] | None = check_alpha(alpha)
-            else:  # the checkpoint's alphas: one shared value, or one per operator
-                setting = own[0] if len(set(own)) == 1 else tuple(own)
-            label = None if isinstance(setting, tuple) else setting
-            variants = [("meansparse", setting)] + ([("base", 0.0)] if compare_base and label != 0 else [])
+            setting, variants = evaluated_variants(sparse, alpha, compare_base)
             atomic = atomic_attacks(attacks.names)
             tasks = []
             for v, va in variants:
@@ -325,11 +330,18 @@ class MeanSparseTrainer(LightningSubcommands):
                 trainer=self,
             )
             results = []
+            blocks = {}
             for v, va in variants:
                 for e in radii:
                     subset = {a: per_sample[f"{v}/eps={e:g}/{a}"] for a in (*atomic, *attacks.cascade)}
+                    blocks[(v, e)] = subset
                     alpha_of_variant = None if isinstance(va, tuple) else va  # None: one alpha per operator
                     results.append(VariantResult(v, alpha_of_variant, e, summarise(subset, attacks.names)))
+            found = None
+            if self.is_global_zero:  # no collective inside: the other ranks wait at the barrier below
+                found = self._diagnose(
+                    sparse, dataset, threat, attacks, diagnostics, dict(variants), seed, blocks
+                )
             report = RobustnessReport(
                 threat.norm,
                 len(dataset),
@@ -338,6 +350,7 @@ class MeanSparseTrainer(LightningSubcommands):
                 large_eps=large_eps,
                 operator_alphas=list(setting) if isinstance(setting, tuple) else None,
                 cascade=list(attacks.cascade) or None,
+                diagnostics=found,
             )
             if large is not None:
                 for v, _ in variants:
@@ -353,6 +366,62 @@ class MeanSparseTrainer(LightningSubcommands):
                 print(report.table())
                 print(f"\nwrote {out}/evaluation.{{md,json}}")
             self.strategy.barrier("evaluate_saved")
+
+    # --------------------------------------------------------------------------------------- diagnose
+    def diagnose(
+        self,
+        model: pl.LightningModule,
+        datamodule: pl.LightningDataModule,
+        checkpoint: str,
+        network: nn.Module | None = None,
+        attacks: AttackConfig = AttackConfig(names=["apgd-ce"]),
+        threat: ThreatModel = ThreatModel(),
+        alpha: float | None = None,
+        compare_base: bool = True,
+        split: Literal["test", "val"] = "test",
+        seed: int = 0,
+        limit_samples: int | None = 1000,
+        output_dir: str = "runs/diagnose",
+        diagnostics: DiagnosticsConfig = DiagnosticsConfig(),
+    ) -> None:
+        """Probe whether attacks on the model can be trusted (gradients, randomness, saturation, operator band,
+        convergence, large eps), without a full evaluation; evaluate and compare run the same indicators.
+
+        Args:
+            checkpoint: Sparsified, calibrated checkpoint.
+            network: The network class the checkpoint was saved from, when it is not a registry model.
+            attacks: Attack options; APGD-CE's n_iter, n_restarts and eot_iter are the ones probed.
+            threat: Threat model: norm (Linf or L2) and eps in [0, 1] pixel units.
+            alpha: Override the checkpoint's alpha.
+            compare_base: Also probe alpha = 0 (the base model).
+            split: test or val.
+            seed: Seed of the subset and the attacks.
+            limit_samples: First N images of the split the subset is drawn from (null: all).
+            output_dir: Where diagnostics.md / .json go.
+            diagnostics: Subset size, forwards, large eps, test level (see DiagnosticsConfig).
+        """
+        check_options("diagnose", locals())
+        out = Path(output_dir)
+        with self._holding(out):
+            sparse = self._calibrated_model(checkpoint, network, model)
+            _, variants = evaluated_variants(sparse, alpha, compare_base)
+            dataset = split_samples(datamodule, split, limit_samples)
+            check_data_fits(sparse, dataset, datamodule, checkpoint)
+            if self.is_global_zero:  # no collective inside: the other ranks wait at the barrier below
+                found = diagnose(
+                    sparse,
+                    dataset,
+                    threat=threat,
+                    attacks=attacks,
+                    config=diagnostics,
+                    variants=dict(variants),
+                    seed=seed,
+                )
+                self._log([found.metrics("diagnose")])
+                write_report(out, "diagnostics", found)
+                print(found.table())
+                print(f"\nwrote {out}/diagnostics.{{md,json}}")
+            self.strategy.barrier("diagnose_saved")
 
     # ---------------------------------------------------------------------------------------- compare
     def compare(
@@ -370,6 +439,7 @@ class MeanSparseTrainer(LightningSubcommands):
         limit_samples: int | None = 1000,
         output_dir: str = "runs/compare",
         resume: bool = True,
+        diagnostics: DiagnosticsConfig = DiagnosticsConfig(),
     ) -> None:
         """Attack several models on the same samples with the same attacks and seeds; report each one's accuracy
         per attack and best known, and its paired difference to the equal-budget control.
@@ -389,6 +459,7 @@ class MeanSparseTrainer(LightningSubcommands):
             limit_samples: First N images of the split (null: all).
             output_dir: Where comparison.md / .json / .png and the resume states go.
             resume: Continue an interrupted comparison from its state files.
+            diagnostics: The indicators of attack failure run on every model (see DiagnosticsConfig).
         """
         check_options("compare", locals())
         out = Path(output_dir)
@@ -409,6 +480,7 @@ class MeanSparseTrainer(LightningSubcommands):
                 state_dir=out if resume else None,
                 trainer=self,
                 settings={label: operator_setting(net) for label, net in loaded.items()},
+                diagnostics=diagnostics,
             )
             if self.is_global_zero:
                 self._log([result.metrics()])

@@ -13,6 +13,8 @@ start=$(date +%s)
 .venv/bin/python cli.py fit --config configs/fashion_mnist_demo.yaml
 .venv/bin/python cli.py alpha_search --config configs/fashion_mnist_alpha_search.yaml
 .venv/bin/python cli.py evaluate --config configs/fashion_mnist_evaluate.yaml
+.venv/bin/python cli.py diagnose --config configs/fashion_mnist_diagnose.yaml
 echo
 echo "Demo finished in $(( $(date +%s) - start )) s. Results in runs/fashion_mnist_demo/:"
 echo "  alpha_search/alpha_search.{md,json,png}  evaluate/evaluation.{md,json}  evaluate/histogram_site1.png"
+echo "  diagnose_alpha0.5/diagnostics.{md,json}"

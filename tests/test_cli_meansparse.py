@@ -247,6 +247,33 @@ def test_evaluate_reports_base_and_meansparse_side_by_side(trained, tmp_path):
     assert any("accuracy falls as epsilon grows" in line for line in report["sanity_checks"])
     assert (tmp_path / "ev" / "histogram_site0.png").read_bytes()[:4] == b"\x89PNG"
     assert "best known" in (tmp_path / "ev" / "evaluation.md").read_text()
+    # the indicators of attack failure, per variant and eps: probes at eps 0.05, per-sample ones at both radii
+    entries = report["diagnostics"]
+    assert all({"indicator", "variant", "eps", "measured", "fired"} <= set(e) for e in entries)
+    probed = {(e["indicator"], e["variant"]) for e in entries if e["eps"] == 0.05}
+    for variant in ("meansparse", "base"):
+        assert {("randomness", variant), ("operator_band", variant), ("attack_budget", variant)} <= probed
+        assert ("adaptive_beats_exact", variant) in {
+            (e["indicator"], e["variant"]) for e in entries if e["eps"] == 0.1
+        }
+        assert ("not_monotone_in_eps", variant) in {
+            (e["indicator"], e["variant"]) for e in entries if e["eps"] == 0.1
+        }
+    # attacked with 3 iterations: the stopped-early attack is what the diagnostics must notice
+    assert any(e["fired"] for e in entries if e["indicator"] == "incomplete_optimisation")
+    assert "## Can this number be trusted?" in (tmp_path / "ev" / "evaluation.md").read_text()
+
+
+def test_diagnose_subcommand_probes_a_large_alpha_and_writes_its_report(trained, tmp_path):
+    main(["diagnose", *DATA, *QUIET, *MODEL, f"--checkpoint={trained['sparse']}", "--alpha=3.0",
+          "--threat.eps=0.1", "--attacks.n_iter=20", "--diagnostics.subset=32", "--diagnostics.expensive=false",
+          f"--output_dir={tmp_path}/diag"])  # fmt: skip
+    entries = json.loads((tmp_path / "diag" / "diagnostics.json").read_text())
+    fired = {(e["indicator"], e["variant"]) for e in entries if e["fired"]}
+    assert ("operator_band", "meansparse") in fired  # alpha 3: the band swallows the gradient
+    assert not any(variant == "base" for _, variant in fired)  # the base model is clean
+    assert "attack_budget" not in {e["indicator"] for e in entries}  # expensive probes off
+    assert (tmp_path / "diag" / "diagnostics.md").read_text().startswith("## Can this number be trusted?")
 
 
 def _cli_error(args: list[str], capsys) -> str:

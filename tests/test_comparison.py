@@ -130,6 +130,13 @@ def test_compare_models_cascade_gives_the_best_known_of_the_same_attacks_run_in_
     assert 0 < sum(expected.values()) < len(data)  # the attacks break some samples, not all
     # a model compared with itself: no difference and no discordant sample
     assert result.difference("same") == (0.0, 0.0)
+    # the indicators of attack failure ran on every model, and travel through the JSON and the Markdown
+    entries = result.to_json()["diagnostics"]
+    assert {e["variant"] for e in entries} == {"control", "same"}
+    assert all({"indicator", "variant", "eps", "measured", "fired"} <= set(e) for e in entries)
+    assert {e["indicator"] for e in entries} >= {"randomness", "operator_band", "adaptive_beats_exact"}
+    assert ModelComparison.from_json(json.loads(json.dumps(result.to_json()))).to_json() == result.to_json()
+    assert "## Can this number be trusted?" in result.table()
     # each cascade attack ran only on the survivors of everything before it
     for name in ("bpda-apgd-ce", "transfer-base"):
         assert not any(

@@ -375,19 +375,26 @@ class AlphaSearchResult:
             ) from None
 
 
-def flags_for(alpha: float, row: dict[str, float], seen: int, num_samples: int) -> list[str]:
-    """The gradient-masking flag of one alpha: BPDA-APGD-CE more than :data:`GRADIENT_MASKING_GAP` points below
-    exact-gradient APGD-CE means the operator starves the exact gradient there."""
+def masked(row: dict[str, float]) -> bool:
+    """BPDA-APGD-CE more than :data:`GRADIENT_MASKING_GAP` points below exact-gradient APGD-CE."""
     if "bpda-apgd-ce" not in row or "apgd-ce" not in row:
-        return []
-    if row["apgd-ce"] - row["bpda-apgd-ce"] <= GRADIENT_MASKING_GAP:
+        return False
+    return row["apgd-ce"] - row["bpda-apgd-ce"] > GRADIENT_MASKING_GAP
+
+
+def flags_for(
+    alpha: float, row: dict[str, float], seen: int, num_samples: int, cause: str | None = None
+) -> list[str]:
+    """The gradient-masking flag of one alpha (:func:`masked`), naming the ``cause`` the diagnostics measured
+    (randomness, saturation, the operators' band, ...)."""
+    if not masked(row):
         return []
     # an alpha dropped early was measured on a few samples, where one sample is several points
     where = "" if seen == num_samples else f" (on {seen} of {num_samples} samples)"
     return [
         f"alpha={alpha:g}{where}: BPDA-APGD-CE accuracy {row['bpda-apgd-ce']:.2f} is more than "
-        f"{GRADIENT_MASKING_GAP:g} point below APGD-CE {row['apgd-ce']:.2f}: the operator masks gradients "
-        "here, so APGD-CE alone overstates robustness."
+        f"{GRADIENT_MASKING_GAP:g} point below APGD-CE {row['apgd-ce']:.2f}: gradients are masked here (cause "
+        f"measured: {cause or 'not measured'}), so APGD-CE alone overstates robustness."
     ]
 
 

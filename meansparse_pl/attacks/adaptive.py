@@ -100,7 +100,14 @@ def adaptive(ctx: AttackContext, x: Tensor, y: Tensor) -> Tensor:
                 break
             start = random_point_in_ball(x, ctx.eps, ctx.norm) if o["random_start"] else x.clone()
             x_adv = pgd_ascent(
-                x, start, objective, eps=ctx.eps, step_size=step_size, steps=o["steps"], norm=ctx.norm
+                x,
+                start,
+                objective,
+                eps=ctx.eps,
+                step_size=step_size,
+                steps=o["steps"],
+                norm=ctx.norm,
+                eot_iter=o["eot_iter"],
             )
             correct &= judge(model, x, x_adv, y, ctx.eps, ctx.norm)
     return correct

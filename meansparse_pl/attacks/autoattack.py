@@ -44,6 +44,7 @@ def make_apgd(
     n_iter: int,
     n_restarts: int,
     rho: float,
+    eot_iter: int = 1,
 ) -> APGDAttack:
     # A fresh object every time: APGDAttack derives its checkpoint schedule (n_iter_2, n_iter_min, size_decr)
     # from n_iter in __init__, so setting .n_iter on an existing object silently keeps the old schedule.
@@ -55,7 +56,7 @@ def make_apgd(
         eps=eps,
         seed=seed,
         loss=loss,
-        eot_iter=1,
+        eot_iter=eot_iter,
         rho=rho,
         verbose=False,
         device=device,
@@ -73,6 +74,7 @@ def make_apgd_t(
     n_restarts: int,
     n_target_classes: int,
     rho: float,
+    eot_iter: int = 1,
 ) -> APGDAttack_targeted:
     return APGDAttack_targeted(
         model,
@@ -81,7 +83,7 @@ def make_apgd_t(
         n_restarts=n_restarts,
         eps=eps,
         seed=seed,
-        eot_iter=1,
+        eot_iter=eot_iter,
         rho=rho,
         n_target_classes=n_target_classes,
         verbose=False,
@@ -106,6 +108,7 @@ def pgd(ctx: AttackContext, x: Tensor, y: Tensor) -> Tensor:
             steps=opts["steps"],
             norm=ctx.norm,
             random_start=opts["random_start"],
+            eot_iter=opts["eot_iter"],
         )
         correct &= judge(ctx.model, x, x_adv, y, ctx.eps, ctx.norm)
     return correct
@@ -124,6 +127,7 @@ def apgd_point(ctx: AttackContext, x: Tensor, y: Tensor, loss: str) -> Tensor:
         n_iter=o["n_iter"],
         n_restarts=o["n_restarts"],
         rho=o["rho"],
+        eot_iter=o["eot_iter"],
     )
     return attack.perturb(x, y)
 
@@ -162,6 +166,7 @@ def apgd_t(ctx: AttackContext, x: Tensor, y: Tensor) -> Tensor:
         n_restarts=o["n_restarts"],
         rho=o["rho"],
         n_target_classes=n_target_classes(o["n_target_classes"], ctx.n_classes),
+        eot_iter=o["eot_iter"],
     )
     return judge(ctx.model, x, attack.perturb(x, y), y, ctx.eps, ctx.norm)
 
@@ -220,6 +225,7 @@ def autoattack(ctx: AttackContext, x: Tensor, y: Tensor) -> Tensor:
         n_iter=o["n_iter"],
         n_restarts=1,
         rho=0.75,
+        eot_iter=o["eot_iter"],
     )
     adversary.apgd_targeted = make_apgd_t(
         ctx.model,
@@ -231,6 +237,7 @@ def autoattack(ctx: AttackContext, x: Tensor, y: Tensor) -> Tensor:
         n_restarts=1,
         n_target_classes=n_targets,
         rho=0.75,
+        eot_iter=o["eot_iter"],
     )
     adversary.fab.n_iter = o["n_iter"]
     adversary.fab.n_target_classes = n_targets

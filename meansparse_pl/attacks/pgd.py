@@ -110,16 +110,22 @@ def pgd_ascent(
     step_size: float,
     steps: int,
     norm: str,
+    eot_iter: int = 1,
 ) -> Tensor:
     """The PGD ascent loop on a scalar ``objective(x_adv)`` from a given (already projected) start point.
 
     Shared by Madry PGD, the TRADES inner maximisation and the paper's adaptive attack, so that with the same
-    objective they take bit-identical steps.
+    objective they take bit-identical steps. ``eot_iter`` > 1 averages the gradient over that many evaluations
+    of the objective (Expectation over Transformation), for a model whose forward pass is random.
     """
     x_adv = x_start.detach()
     for _ in range(steps):
         x_adv.requires_grad_(True)
         (grad,) = torch.autograd.grad(objective(x_adv), x_adv)
+        for _ in range(eot_iter - 1):
+            grad = grad + torch.autograd.grad(objective(x_adv), x_adv)[0]
+        if eot_iter > 1:
+            grad = grad / eot_iter
         with torch.no_grad():
             if norm == "Linf":
                 x_adv = x_adv + step_size * grad.sign()
@@ -142,6 +148,7 @@ def pgd_perturb(
     random_start: bool = True,
     loss: Literal["ce", "kl"] = "ce",
     target_logits: Tensor | None = None,
+    eot_iter: int = 1,
 ) -> Tensor:
     """Madry et al. (2018) PGD: ``steps`` ascent steps on the loss, each projected onto the eps ball and the
     [0, 1] box, so the returned point is always a valid image inside the threat model.
@@ -160,6 +167,7 @@ def pgd_perturb(
         loss: ``"ce"`` maximises the cross-entropy to ``y``; ``"kl"`` maximises
             ``KL(softmax(target_logits) || softmax(model(x_adv)))`` (TRADES inner problem).
         target_logits: reference logits for ``"kl"``; by default ``model(x)`` without gradient.
+        eot_iter: gradients averaged per step (Expectation over Transformation, for a random model).
 
     Returns:
         Detached adversarial images, same shape and dtype as ``x``.
@@ -190,6 +198,7 @@ def pgd_perturb(
             step_size=step_size,
             steps=steps,
             norm=norm,
+            eot_iter=eot_iter,
         )
 
 

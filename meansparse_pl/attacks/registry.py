@@ -38,7 +38,9 @@ _LOG = logging.getLogger(__name__)
 
 # Every gradient attack takes `backward` (the operators' backward while it runs: exact, straight_through or
 # surrogate; None keeps the model's) and the surrogate's `temperature`: one switch, not one attack per mode.
-_BACKWARD = {"backward": None, "temperature": DEFAULT_TEMPERATURE}
+# Every gradient attack also takes `eot_iter`: gradients averaged per step (Expectation over Transformation), the
+# answer to a model whose forward pass is random (the diagnostics' randomness indicator says when).
+_BACKWARD = {"backward": None, "temperature": DEFAULT_TEMPERATURE, "eot_iter": 1}
 _APGD_DEFAULTS = {"n_iter": 100, "n_restarts": 1, "rho": 0.75, **_BACKWARD}
 _PGD_DEFAULTS = {"steps": 50, "step_size": None, "n_restarts": 1, "random_start": True, **_BACKWARD}
 
@@ -49,7 +51,16 @@ _REGISTRY: dict[str, AttackSpec] = {
     "apgd-dlr": AttackSpec(aa.apgd("dlr"), dict(_APGD_DEFAULTS), min_classes=3),
     "apgd-ce+dlr": AttackSpec(aa.apgd_ce_dlr, dict(_APGD_DEFAULTS), min_classes=3),
     "apgd-t": AttackSpec(aa.apgd_t, {**_APGD_DEFAULTS, "n_target_classes": 9}, min_classes=4),
-    "fab-t": AttackSpec(aa.fab_t, {"n_iter": 100, "n_restarts": 1, "n_target_classes": 9, **_BACKWARD}),
+    "fab-t": AttackSpec(
+        aa.fab_t,
+        {
+            "n_iter": 100,
+            "n_restarts": 1,
+            "n_target_classes": 9,
+            "backward": None,
+            "temperature": DEFAULT_TEMPERATURE,
+        },
+    ),
     "square": AttackSpec(aa.square, {"n_queries": 5000, "n_restarts": 1, "p_init": 0.8}, needs_images=True),
     "autoattack": AttackSpec(
         aa.autoattack,
@@ -62,7 +73,9 @@ _REGISTRY: dict[str, AttackSpec] = {
     "bpda-apgd-ce": AttackSpec(aa.apgd("ce"), {**_APGD_DEFAULTS, "backward": "straight_through"}),
     "surrogate-apgd-ce": AttackSpec(aa.apgd("ce"), {**_APGD_DEFAULTS, "backward": "surrogate"}),
     # APGD-CE on the base model (every alpha 0), judged on the MeanSparse model: a transfer attack
-    "transfer-base": AttackSpec(aa.transfer_base, {"n_iter": 100, "n_restarts": 1, "rho": 0.75}),
+    "transfer-base": AttackSpec(
+        aa.transfer_base, {"n_iter": 100, "n_restarts": 1, "rho": 0.75, "eot_iter": 1}
+    ),
     "adaptive": AttackSpec(adaptive, {**_PGD_DEFAULTS, "p": 1.0, "q": 1.0, "lambda_": 1.0}),
 }
 # the attacks that reduce to another one on a model without operators
@@ -99,7 +112,7 @@ def _resolve_options(name: str, spec: AttackSpec, options: dict[str, Any]) -> di
             f"attack {name!r} does not take option(s) {', '.join(unknown)}; it accepts: {accepted}."
         )
     resolved = {**spec.defaults, **options}
-    for key in ("n_iter", "n_restarts", "n_queries", "steps", "n_target_classes"):
+    for key in ("n_iter", "n_restarts", "n_queries", "steps", "n_target_classes", "eot_iter"):
         if key in resolved:
             resolved[key] = _positive_int(key, name, resolved[key])
     where = f"attack {name!r}: "
@@ -125,10 +138,10 @@ def _resolve_options(name: str, spec: AttackSpec, options: dict[str, Any]) -> di
 
 
 def options_for(config: AttackConfig, name: str) -> dict[str, Any]:
-    """The options ``config`` gives attack ``name``: its ``n_iter`` / ``n_restarts`` where the attack takes
-    them, then the attack's own entry of ``config.options``."""
+    """The options ``config`` gives attack ``name``: its ``n_iter`` / ``n_restarts`` / ``eot_iter`` where the
+    attack takes them, then the attack's own entry of ``config.options``."""
     accepted = _spec(name).defaults
-    shared = {"n_iter": config.n_iter, "n_restarts": config.n_restarts}
+    shared = {"n_iter": config.n_iter, "n_restarts": config.n_restarts, "eot_iter": config.eot_iter}
     options = {key: value for key, value in shared.items() if value is not None and key in accepted}
     return {**options, **config.options.get(name, {})}
 
