@@ -31,7 +31,7 @@ from meansparse_pl.alpha_search import (
     Selection,
 )
 from meansparse_pl.architecture import network_record
-from meansparse_pl.attacks import options_for, worst_case
+from meansparse_pl.attacks import worst_case
 from meansparse_pl.calibration import CalibrationModule, images_of
 from meansparse_pl.checkpoint import resave_checkpoint, save_checkpoint
 from meansparse_pl.comparison import compare_models
@@ -44,7 +44,7 @@ from meansparse_pl.config import (
 )
 from meansparse_pl.diagnostics import diagnose
 from meansparse_pl.errors import ConfigurationError
-from meansparse_pl.evaluation import EvaluationTask, run_tasks
+from meansparse_pl.evaluation import run_tasks
 from meansparse_pl.io import (
     LOCK_NAME,
     file_version,
@@ -67,6 +67,7 @@ from meansparse_pl.steps import (
     check_data_fits,
     check_options,
     compared_model,
+    evaluate_tasks,
     evaluated_variants,
     first_samples,
     load_trained_weights,
@@ -292,32 +293,7 @@ class MeanSparseTrainer(LightningSubcommands):
             sparse = self._calibrated_model(checkpoint, network, model)
             setting, variants = evaluated_variants(sparse, alpha, compare_base)
             atomic = atomic_attacks(attacks.names)
-            tasks = []
-            for v, va in variants:
-                for e in radii:
-                    prefix = f"{v}/eps={e:g}/"
-                    tasks += [
-                        EvaluationTask(prefix + a, a, threat.with_eps(e), options_for(attacks, a), va)
-                        for a in atomic
-                    ]
-                    for position, a in enumerate(attacks.cascade):  # each on the survivors of all before it
-                        before = (*atomic, *attacks.cascade[:position])
-                        tasks.append(
-                            EvaluationTask(
-                                prefix + a,
-                                a,
-                                threat.with_eps(e),
-                                options_for(attacks, a),
-                                va,
-                                tuple(prefix + b for b in before),
-                            )
-                        )
-            if large is not None:
-                tasks += [
-                    EvaluationTask(f"{v}/large/{a}", a, large, options_for(attacks, a), va)
-                    for v, va in variants
-                    for a in LARGE_EPS_ATTACKS
-                ]
+            tasks = evaluate_tasks(variants, radii, attacks, threat, large, LARGE_EPS_ATTACKS)
             dataset = split_samples(datamodule, split, limit_samples)
             check_data_fits(sparse, dataset, datamodule, checkpoint)
             per_sample = run_tasks(
@@ -339,8 +315,15 @@ class MeanSparseTrainer(LightningSubcommands):
                     results.append(VariantResult(v, alpha_of_variant, e, summarise(subset, attacks.names)))
             found = None
             if self.is_global_zero:  # no collective inside: the other ranks wait at the barrier below
-                found = self._diagnose(
-                    sparse, dataset, threat, attacks, diagnostics, dict(variants), seed, blocks
+                found = diagnose(
+                    sparse,
+                    dataset,
+                    threat=threat,
+                    attacks=attacks,
+                    config=diagnostics,
+                    variants=dict(variants),
+                    seed=seed,
+                    verdicts=blocks,
                 )
             report = RobustnessReport(
                 threat.norm,

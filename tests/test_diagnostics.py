@@ -243,9 +243,10 @@ def test_the_masking_flag_names_the_cause_it_measured(honest, sparse, test_data)
     dataset = torch.utils.data.TensorDataset(*test_data)
     causes = masking_causes(noisy_sparse, dataset, [0.25])
     assert "randomness" in causes[0.25] and "band" not in causes[0.25]
-    causes = masking_causes(sparse, dataset, [0.25, 2.0])
-    assert causes[0.25].startswith("not identified")
-    assert "operators' band" in causes[2.0]
+    causes = masking_causes(sparse, dataset, [0.0, 0.25, 2.0])
+    assert causes[0.0].startswith("not identified")  # an empty band removes nothing
+    assert "removes up to" in causes[0.25]  # no indicator fired, but the band's measured effect is named
+    assert "operators' band" in causes[2.0] and "removes up to" not in causes[2.0]  # operator_band fired
     row = {"clean": 90.0, "apgd-ce": 60.0, "bpda-apgd-ce": 55.0}
     (flag,) = flags_for(0.25, row, 100, 100, causes[2.0])
     assert "operators' band" in flag and "cause measured" in flag

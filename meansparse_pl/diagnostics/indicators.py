@@ -142,7 +142,17 @@ class Diagnostics:
         ]
         if causes:
             return " and ".join(causes)
-        return "not identified: no randomness, saturation or operator-band indicator fired"
+        # nothing fired, but the band may still remove part of the gradient: the only measured difference between
+        # the exact and the straight-through attack of a deterministic, unsaturated model
+        for band in self.find("operator_band", variant):
+            removed = band.measured.get("gradient_mass_removed") or []
+            if removed and max(removed) > 0:
+                return (
+                    f"the MeanSparse operators' band (it removes up to {100 * max(removed):.0f}% of the gradient "
+                    f"mass at an operator; mean cosine of exact and straight-through gradient "
+                    f"{band.measured.get('mean_cosine', float('nan')):.2f})"
+                )
+        return "not identified: no randomness, saturation or operator-band effect measured"
 
     def verdict(self) -> str:
         fired = self.fired()
