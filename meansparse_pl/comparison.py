@@ -275,7 +275,6 @@ class ModelComparison:
             diagnostics = {
                 "diagnostics": self.diagnostics.to_json(),
                 "diagnostics_subset": self.diagnostics.subset,
-                "diagnostics_seconds": self.diagnostics.seconds,
             }
         return diagnostics | {
             "norm": self.norm,
@@ -321,7 +320,6 @@ class ModelComparison:
             diagnostics=Diagnostics.from_json(
                 data["diagnostics"],
                 int(data.get("diagnostics_subset", 0)),
-                float(data.get("diagnostics_seconds", 0.0)),
             )
             if "diagnostics" in data
             else None,

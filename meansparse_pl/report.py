@@ -186,7 +186,6 @@ class RobustnessReport:
         if self.diagnostics is not None:
             data["diagnostics"] = self.diagnostics.to_json()
             data["diagnostics_subset"] = self.diagnostics.subset
-            data["diagnostics_seconds"] = self.diagnostics.seconds
         return data
 
     def metrics(self) -> dict[str, float]:

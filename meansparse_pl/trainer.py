@@ -325,6 +325,7 @@ class MeanSparseTrainer(LightningSubcommands):
                     seed=seed,
                     verdicts=blocks,
                 )
+                rank_zero_info(f"diagnostics: {found.verdict()} ({found.seconds:.1f} s)")
             report = RobustnessReport(
                 threat.norm,
                 len(dataset),
@@ -391,19 +392,11 @@ class MeanSparseTrainer(LightningSubcommands):
             dataset = split_samples(datamodule, split, limit_samples)
             check_data_fits(sparse, dataset, datamodule, checkpoint)
             if self.is_global_zero:  # no collective inside: the other ranks wait at the barrier below
-                found = diagnose(
-                    sparse,
-                    dataset,
-                    threat=threat,
-                    attacks=attacks,
-                    config=diagnostics,
-                    variants=dict(variants),
-                    seed=seed,
-                )
+                options = {"threat": threat, "attacks": attacks, "config": diagnostics, "seed": seed}
+                found = diagnose(sparse, dataset, variants=dict(variants), **options)
                 self._log([found.metrics("diagnose")])
                 write_report(out, "diagnostics", found)
-                print(found.table())
-                print(f"\nwrote {out}/diagnostics.{{md,json}}")
+                print(f"{found.table()}\n\nwrote {out}/diagnostics.{{md,json}} ({found.seconds:.1f} s)")
             self.strategy.barrier("diagnose_saved")
 
     # ---------------------------------------------------------------------------------------- compare

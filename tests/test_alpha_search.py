@@ -18,6 +18,7 @@ from meansparse_pl.alpha_search import (
     check_alphas,
 )
 from meansparse_pl.config import AttackConfig, ThreatModel
+from meansparse_pl.diagnostics import Diagnostics
 from meansparse_pl.errors import ConfigurationError
 
 
@@ -238,6 +239,8 @@ def _fake_setup(monkeypatch, n: int = 256):
     fake = _FakeEvaluation()
     monkeypatch.setattr(schedules, "run_tasks", fake)
     monkeypatch.setattr(search, "require_operators", lambda model: None)
+    # the fake model has no operators and the fake data are no images: the diagnostics have nothing to probe
+    monkeypatch.setattr(search, "quick_diagnostics", lambda *args, **kwargs: Diagnostics())
     data = TensorDataset(torch.arange(n, dtype=torch.float32).view(-1, 1), torch.zeros(n, dtype=torch.long))
     return fake, data
 

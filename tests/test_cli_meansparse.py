@@ -265,15 +265,23 @@ def test_evaluate_reports_base_and_meansparse_side_by_side(trained, tmp_path):
 
 
 def test_diagnose_subcommand_probes_a_large_alpha_and_writes_its_report(trained, tmp_path):
-    main(["diagnose", *DATA, *QUIET, *MODEL, f"--checkpoint={trained['sparse']}", "--alpha=3.0",
-          "--threat.eps=0.1", "--attacks.n_iter=20", "--diagnostics.subset=32", "--diagnostics.expensive=false",
+    main(["diagnose", *DATA, *QUIET, *MODEL, f"--checkpoint={trained['sparse']}", "--alpha=1.0",
+          "--threat.eps=0.1", "--attacks.n_iter=20", "--diagnostics.subset=64", "--diagnostics.expensive=false",
           f"--output_dir={tmp_path}/diag"])  # fmt: skip
     entries = json.loads((tmp_path / "diag" / "diagnostics.json").read_text())
     fired = {(e["indicator"], e["variant"]) for e in entries if e["fired"]}
-    assert ("operator_band", "meansparse") in fired  # alpha 3: the band swallows the gradient
-    assert not any(variant == "base" for _, variant in fired)  # the base model is clean
+    assert ("operator_band", "meansparse") in fired  # alpha 1: the band misdirects the gradient
+    assert ("operator_band", "base") not in fired  # alpha 0: no band
     assert "attack_budget" not in {e["indicator"] for e in entries}  # expensive probes off
     assert (tmp_path / "diag" / "diagnostics.md").read_text().startswith("## Can this number be trusted?")
+
+
+def test_bad_diagnostics_options_are_one_line_before_loading(trained, tmp_path, capsys):
+    base = [*DATA, *QUIET, *MODEL, f"--checkpoint={trained['sparse']}", f"--output_dir={tmp_path}/x"]
+    assert "at least 2" in _cli_error(["diagnose", *base, "--diagnostics.forwards=1"], capsys)
+    assert "diagnostics.subset" in _cli_error(["evaluate", *base, "--diagnostics.subset=0"], capsys)
+    assert "eot_iter" in _cli_error(["evaluate", *base, "--attacks.eot_iter=0"], capsys)
+    assert not (tmp_path / "x").exists()
 
 
 def _cli_error(args: list[str], capsys) -> str:

@@ -21,7 +21,7 @@ from meansparse_pl.diagnostics import (
     Indicator,
     beyond_noise,
     binomial_tail,
-    masking_causes,
+    quick_diagnostics,
     verdict_indicators,
 )
 from meansparse_pl.errors import ConfigurationError
@@ -241,6 +241,11 @@ def test_per_sample_indicators_on_hand_written_verdicts():
 def test_the_masking_flag_names_the_cause_it_measured(honest, sparse, test_data):
     noisy_sparse = Noisy(sparse)
     dataset = torch.utils.data.TensorDataset(*test_data)
+
+    def masking_causes(model, data, alphas):
+        found = quick_diagnostics(model, data, alphas)
+        return {a: found.masking_cause(f"alpha={a:g}") for a in alphas}
+
     causes = masking_causes(noisy_sparse, dataset, [0.25])
     assert "randomness" in causes[0.25] and "band" not in causes[0.25]
     causes = masking_causes(sparse, dataset, [0.0, 0.25, 2.0])
@@ -336,6 +341,29 @@ def test_diagnostics_leave_a_model_in_train_mode_untouched(sparse, test_data):
     diagnose(
         model, test_data, threat=THREAT, attacks=AttackConfig(n_iter=5), config=DiagnosticsConfig(subset=20)
     )
-    masking_causes(model, torch.utils.data.TensorDataset(*test_data), [0.5])
+    quick_diagnostics(model, torch.utils.data.TensorDataset(*test_data), [0.5])
     assert model.training and all(m.training for m in model.modules())
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_the_alpha_search_carries_the_cheap_indicators_of_every_alpha(sparse, test_data):
+    from meansparse_pl import AlphaSearch, AlphaSearchResult
+
+    dataset = torch.utils.data.TensorDataset(*test_data)
+    search = AlphaSearch(
+        alphas=[0.0, 2.0], threat=THREAT, attacks=AttackConfig(names=["apgd-ce", "bpda-apgd-ce"], n_iter=5)
+    )
+    result = search.run(sparse, torch.utils.data.Subset(dataset, range(64)))
+    found = {(i.indicator, i.variant): i for i in result.diagnostics.indicators}
+    assert set(found) == {
+        (name, f"alpha={a:g}")
+        for a in (0.0, 2.0)
+        for name in ("randomness", "unavailable_gradients", "loss_saturation", "operator_band")
+    }
+    assert found[("operator_band", "alpha=2")].fired and not found[("operator_band", "alpha=0")].fired
+    # the masking flag at alpha 2, if the numbers raise one, names the band the probes measured
+    assert all("operators' band" in flag for flag in result.flags if flag.startswith("alpha=2"))
+    again = AlphaSearchResult.from_json(result.to_json())
+    assert again.diagnostics.to_json() == result.diagnostics.to_json()
+    assert "Diagnostics (64 samples" in result.table() and "operator_band (alpha=2)" in result.table()
+    assert result.metrics()[-1]["alpha_search/diagnostics/alpha=2/eps=0.1/operator_band/fired"] == 1.0

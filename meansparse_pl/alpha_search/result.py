@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 from torch import nn
 
 from meansparse_pl.attacks import PerSample, decode_verdicts, encode_verdicts, paired_gap, worst_case
+from meansparse_pl.diagnostics import Diagnostics
 from meansparse_pl.errors import ConfigurationError
 from meansparse_pl.evaluation import accuracy
 from meansparse_pl.ops import set_alpha
@@ -57,6 +58,8 @@ class AlphaSearchResult:
     site_alphas: list[float] | None = None
     site_steps: list[dict[str, Any]] = field(default_factory=list)
     site_accuracy: dict[str, float] = field(default_factory=dict)  # the table row of site_alphas
+    # the cheap indicators of attack failure at each alpha (variants "alpha=<a>"), which name masking causes
+    diagnostics: Diagnostics | None = None
 
     # ------------------------------------------------------------------------------------------ facts
     def samples(self, alpha: float) -> int:
@@ -183,6 +186,8 @@ class AlphaSearchResult:
                 f"within one paired standard error ({error:.2f} points)."
             )
         notes += [f"WARNING: {flag}" for flag in self.flags]
+        if self.diagnostics is not None:
+            notes += ["", *self.diagnostics.brief()]
         return "\n".join(lines + notes + self._site_table())
 
     def _site_table(self) -> list[str]:
@@ -293,6 +298,7 @@ class AlphaSearchResult:
             {
                 "alpha_search/suggestion": self.suggestion(),
                 "alpha_search/highest_eligible": self.best_eligible(),
+                **(self.diagnostics.metrics("alpha_search") if self.diagnostics is not None else {}),
             }
         )
         return rows
@@ -331,6 +337,14 @@ class AlphaSearchResult:
                 if self.site_alphas is not None
                 else {}
             ),
+            **(
+                {
+                    "diagnostics": self.diagnostics.to_json(),
+                    "diagnostics_subset": self.diagnostics.subset,
+                }
+                if self.diagnostics is not None
+                else {}
+            ),
         }
 
     @classmethod
@@ -367,6 +381,12 @@ class AlphaSearchResult:
                 else None,
                 site_steps=list(data.get("site_steps", [])),
                 site_accuracy={c: float(v) for c, v in data.get("site_accuracy", {}).items()},
+                diagnostics=Diagnostics.from_json(
+                    data["diagnostics"],
+                    int(data.get("diagnostics_subset", 0)),
+                )
+                if "diagnostics" in data
+                else None,
             )
         except (KeyError, TypeError, ValueError) as error:
             raise ConfigurationError(

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from meansparse_pl.alpha_search.result import AlphaSearchResult, flags_for, masked, row_of
+from meansparse_pl.alpha_search.result import AlphaSearchResult, flags_for, row_of
 from meansparse_pl.alpha_search.schedules import Exhaustive, Schedule, Verdicts
 from meansparse_pl.attacks import PerSample, check_attack_config, options_for, worst_case
 from meansparse_pl.config import (
@@ -32,7 +32,7 @@ from meansparse_pl.config import (
     check_number,
     check_positive_int,
 )
-from meansparse_pl.diagnostics import masking_causes
+from meansparse_pl.diagnostics import quick_diagnostics
 from meansparse_pl.errors import ConfigurationError
 from meansparse_pl.evaluation import EvaluationTask
 from meansparse_pl.ops import require_operators
@@ -180,16 +180,22 @@ class AlphaSearch:
         require_operators(model)
         dataset = dataset_of(data)
         result = self.schedule.run(self, model, dataset, trainer, state_path, distributed)
-        flagged = [a for a in result.alphas if masked(result.accuracy[a])]
-        if flagged:  # name what masks the gradient: no collective inside, so every process measures alike
-            causes = masking_causes(model, dataset, flagged, seed=self.seed)
-            result.flags = [
-                flag
-                for a in result.alphas
-                for flag in flags_for(
-                    a, result.accuracy[a], result.samples(a), result.num_samples, causes.get(a)
-                )
-            ]
+        # the cheap indicators at every alpha, which name what masks the gradient where a flag says it is masked
+        # (no collective inside: every process measures the same)
+        result.diagnostics = quick_diagnostics(
+            model, dataset, result.alphas, eps=self.threat.eps, seed=self.seed
+        )
+        result.flags = [
+            flag
+            for a in result.alphas
+            for flag in flags_for(
+                a,
+                result.accuracy[a],
+                result.samples(a),
+                result.num_samples,
+                result.diagnostics.masking_cause(f"alpha={a:g}"),
+            )
+        ]
         return result
 
     def result(

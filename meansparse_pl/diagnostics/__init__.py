@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from meansparse_pl.diagnostics.indicators import Diagnostics, Indicator, beyond_noise, binomial_tail
 from meansparse_pl.diagnostics.per_sample import verdict_indicators
-from meansparse_pl.diagnostics.runner import diagnose, masking_causes, seeded_subset
+from meansparse_pl.diagnostics.runner import diagnose, quick_diagnostics, seeded_subset
 
 __all__ = [
     "Diagnostics",
@@ -29,7 +29,7 @@ __all__ = [
     "beyond_noise",
     "binomial_tail",
     "diagnose",
-    "masking_causes",
+    "quick_diagnostics",
     "seeded_subset",
     "verdict_indicators",
 ]

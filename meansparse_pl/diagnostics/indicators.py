@@ -123,7 +123,8 @@ MASKING_CAUSES = {
 
 @dataclass
 class Diagnostics:
-    """Every indicator of a diagnostics run, with the subset size and the time it took."""
+    """Every indicator of a diagnostics run, with the subset size and the time it took (``seconds``: for the log
+    and the benchmarks, never written into a report, which must not depend on the machine's load)."""
 
     indicators: list[Indicator] = field(default_factory=list)
     subset: int = 0
@@ -182,16 +183,19 @@ class Diagnostics:
                 f"| {i.indicator} | {i.variant} | {i.eps:g} | {summary(i.measured)} | "
                 f"{'**yes**' if i.fired else 'no'} | {i.advice if i.fired else ''} |"
             )
-        lines += [
-            "",
-            f"Model probes on a seeded subset of {self.subset} samples, {self.seconds:.1f} s. Rules:",
-            "",
-        ]
+        # no time here: a report is the same bytes whoever computes it, an interrupted and resumed run included
+        lines += ["", f"Model probes on a seeded subset of {self.subset} samples. Rules:", ""]
         rules = {}
         for i in self.indicators:
             rules.setdefault(i.indicator, i.rule)
         lines += [f"- {name}: {rule}" for name, rule in rules.items()]
         return "\n".join(lines)
+
+    def brief(self) -> list[str]:
+        """The verdict and one line per fired indicator: the short form a longer report embeds."""
+        lines = [f"Diagnostics ({self.subset} samples): {self.verdict()}"]
+        lines += [f"- {i.indicator} ({i.variant}): {summary(i.measured)}; {i.advice}" for i in self.fired()]
+        return lines
 
     def to_json(self) -> list[dict[str, Any]]:
         return [i.to_json() for i in self.indicators]

@@ -191,25 +191,33 @@ def diagnose(
     return with_causes(Diagnostics(indicators, x.shape[0], round(time.perf_counter() - started, 2)))
 
 
-def masking_causes(
-    model: nn.Module, data: Dataset | DataLoader, alphas: Sequence[float], *, subset: int = 64, seed: int = 0
-) -> dict[float, str]:
-    """Per alpha, the cause of masked gradients the cheap probes measure (randomness, saturation, unavailable
-    gradients, operator band; no attack) on a seeded subset: what a gradient-masking flag should name."""
+def quick_diagnostics(
+    model: nn.Module,
+    data: Dataset | DataLoader,
+    alphas: Sequence[float],
+    *,
+    eps: float = 0.0,
+    subset: int = 64,
+    seed: int = 0,
+) -> Diagnostics:
+    """The cheap probes (randomness, unavailable gradients, saturation, operator band; no attack) at each alpha
+    on a seeded subset, variants labelled ``alpha=<a>``: what the alpha search reports and what its
+    gradient-masking flags name as the cause."""
+    started = time.perf_counter()
     config = DiagnosticsConfig(subset=subset)
     device = model_device(model, torch.zeros(()))
-    causes: dict[float, str] = {}
+    found: list[Indicator] = []
     with temporary_alpha(model), evaluation_context(model, device):  # eval mode before the first forward
         x, y = checked_subset(model, *seeded_subset(data, subset, seed), device)
         for alpha in alphas:
-            set_alpha(model, alpha)
+            if operators(model):
+                set_alpha(model, alpha)
             variant = f"alpha={alpha:g}"
-            found = [randomness_indicator(model, x, config.forwards, variant, 0.0, config.significance)]
+            found.append(randomness_indicator(model, x, config.forwards, variant, eps, config.significance))
             correct = labels_kept(model, x, y)
             if bool(correct.any()):
                 xc, yc = x[correct], y[correct]
-                found += gradient_indicators(model, xc, yc, variant, 0.0, config.significance)
-                band = operator_band_indicator(model, xc, yc, None, variant, 0.0, config.significance)
+                found += gradient_indicators(model, xc, yc, variant, eps, config.significance)
+                band = operator_band_indicator(model, xc, yc, None, variant, eps, config.significance)
                 found += [band] if band is not None else []
-            causes[alpha] = Diagnostics(found).masking_cause(variant)
-    return causes
+    return Diagnostics(found, x.shape[0], round(time.perf_counter() - started, 2))
