@@ -31,16 +31,7 @@ from meansparse_pl.data import FashionMNISTDataModule
 from meansparse_pl.evaluation import run_tasks
 from meansparse_pl.report import atomic_attacks
 from meansparse_pl.steps import evaluate_tasks, evaluated_variants, split_samples
-
-DEMO_ATTACKS = [
-    "clean",
-    "autoattack",
-    "apgd-ce",
-    "apgd-ce+dlr",
-    "bpda-apgd-ce",
-    "surrogate-apgd-ce",
-    "transfer-base",
-]
+from meansparse_pl.trainer import EVALUATE_ATTACKS
 
 
 def main() -> None:
@@ -58,7 +49,7 @@ def main() -> None:
     datamodule = FashionMNISTDataModule(args.data_dir, eval_batch_size=500, seed=0)
     dataset = split_samples(datamodule, "test", args.images)
     threat = ThreatModel("Linf", 0.1)
-    names = [a for a in DEMO_ATTACKS if not (args.quick and a == "autoattack")]
+    names = [a for a in EVALUATE_ATTACKS if not (args.quick and a == "autoattack")]
     attacks = AttackConfig(names=names)
     _, variants = evaluated_variants(model, None, True)
     tasks = evaluate_tasks(variants, [threat.eps], attacks, threat, None, ())

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from meansparse_pl.diagnostics.indicators import Indicator, counted
+from meansparse_pl.diagnostics.indicators import Indicator, Probe
 from meansparse_pl.inputs import logits_of
 from meansparse_pl.ops import MeanSparse, backward_mode, operators
 
@@ -52,34 +52,26 @@ def vanishing(grad: Tensor) -> Tensor:
     return ~torch.isfinite(grad).all(dim=1) | (grad.abs().amax(dim=1) <= VANISHING)
 
 
-def gradient_indicators(
-    model: nn.Module, x: Tensor, y: Tensor, variant: str, eps: float, significance: float
-) -> list[Indicator]:
+def gradient_indicators(probe: Probe) -> list[Indicator]:
     """``unavailable_gradients`` (no loss has an input gradient: shattered or obfuscated gradients) and
     ``loss_saturation`` (cross-entropy's gradient vanishes where the margin loss's does not: scaled logits)."""
-    margin = vanishing(input_gradient(model, x, y, "margin"))
-    ce = vanishing(input_gradient(model, x, y, "ce"))
-    n = x.shape[0]
-    unavailable = counted(
+    margin = vanishing(input_gradient(probe.model, probe.x, probe.y, "margin"))
+    ce = vanishing(input_gradient(probe.model, probe.x, probe.y, "ce"))
+    n = probe.x.shape[0]
+    unavailable = probe.counted(
         "unavailable_gradients",
-        variant,
-        eps,
         count=int(margin.sum()),
         n=n,
         tolerated=TOLERATED_ZERO_GRADIENTS,
-        significance=significance,
         what="the input gradient of both the cross-entropy and the margin loss is zero or vanishing",
         advice="gradients are shattered or obfuscated: add bpda-apgd-ce (straight-through backward) and square, "
         "and attack through a differentiable approximation of the layer that removes them",
     )
-    saturated = counted(
+    saturated = probe.counted(
         "loss_saturation",
-        variant,
-        eps,
         count=int((ce & ~margin).sum()),
         n=n,
         tolerated=TOLERATED_SATURATION,
-        significance=significance,
         what="the cross-entropy gradient vanishes while the margin loss's does not",
         advice="the softmax saturates (scaled logits): use apgd-dlr and apgd-t (margin losses), as AutoAttack does",
     )
@@ -145,18 +137,11 @@ def band_shares(model: nn.Module, x: Tensor) -> list[float]:
     return [round(a / b, 4) if b else 0.0 for a, b in inside]
 
 
-def operator_band_indicator(
-    model: nn.Module,
-    x: Tensor,
-    y: Tensor,
-    x_adv: Tensor | None,
-    variant: str,
-    eps: float,
-    significance: float,
-) -> Indicator | None:
+def operator_band_indicator(probe: Probe, x_adv: Tensor | None) -> Indicator | None:
     """``operator_band``: the exact input gradient against the straight-through one (the operators' backward as
     the identity). Measured: per-sample cosine, the share of gradient mass the band removes at each operator, and
     each operator's in-band share on clean and on attacked inputs. None for a model without operators."""
+    model, x, y = probe.model, probe.x, probe.y
     ops = operators(model)
     if not ops:
         return None
@@ -172,14 +157,11 @@ def operator_band_indicator(
     cosine = F.cosine_similarity(exact.double(), straight.double(), dim=1, eps=1e-30)
     cosine = torch.nan_to_num(cosine, nan=0.0)
     misdirected = cosine < MISDIRECTED_COSINE
-    return counted(
+    return probe.counted(
         "operator_band",
-        variant,
-        eps,
         count=int(misdirected.sum()),
         n=x.shape[0],
         tolerated=TOLERATED_MISDIRECTED,
-        significance=significance,
         what=f"the exact input gradient has a cosine below {MISDIRECTED_COSINE:g} with the straight-through one",
         advice="the operators' band masks the exact gradient: quote best known with bpda-apgd-ce and "
         "surrogate-apgd-ce in the attack list, never exact-gradient APGD alone",
@@ -190,26 +172,21 @@ def operator_band_indicator(
     )
 
 
-def randomness_indicator(
-    model: nn.Module, x: Tensor, forwards: int, variant: str, eps: float, significance: float
-) -> Indicator:
+def randomness_indicator(probe: Probe, forwards: int) -> Indicator:
     """``randomness``: ``forwards`` passes over the same inputs in eval mode; a sample varies when the L2 distance
     of two of its L2-normalised logit vectors exceeds AutoAttack's tolerance, or its prediction changes."""
     with torch.no_grad():
-        outputs = [logits(model, x) for _ in range(forwards)]
+        outputs = [logits(probe.model, probe.x) for _ in range(forwards)]
     unit = [o / (o.norm(dim=1, keepdim=True) + 1e-10) for o in outputs]
     spread = torch.stack([(u - unit[0]).norm(dim=1) for u in unit[1:]]).amax(dim=0)
     predictions = torch.stack([o.argmax(dim=1) for o in outputs])
     flips = (predictions != predictions[0]).any(dim=0)
     varies = ~torch.isfinite(spread) | (spread > RANDOMNESS_TOLERANCE) | flips
-    return counted(
+    return probe.counted(
         "randomness",
-        variant,
-        eps,
         count=int(varies.sum()),
-        n=x.shape[0],
+        n=probe.x.shape[0],
         tolerated=0.0,
-        significance=significance,
         what=f"{forwards} forward passes of the same input disagree",
         advice="the forward pass is random: attack with --attacks.eot_iter 20 (Expectation over Transformation) "
         "and count a sample robust only if it survives repeated judging",
@@ -218,8 +195,8 @@ def randomness_indicator(
     )
 
 
-def labels_kept(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+def labels_kept(probe: Probe) -> Tensor:
     """Per sample, whether the model classifies it correctly (finite logits, top class ``y``)."""
     with torch.no_grad():
-        z = logits(model, x)
-    return (z.argmax(dim=1) == y) & torch.isfinite(z).all(dim=1)
+        z = logits(probe.model, probe.x)
+    return (z.argmax(dim=1) == probe.y) & torch.isfinite(z).all(dim=1)

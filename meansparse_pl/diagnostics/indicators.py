@@ -11,9 +11,12 @@ the effect should never appear, so a single sample fires it.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any
+
+from torch import Tensor, nn
 
 from meansparse_pl.errors import ConfigurationError
 
@@ -110,6 +113,30 @@ def counted(
     )
     values = {"samples": n, "count": count, "share": round(count / n, 4) if n else 0.0, "p_value": p_value}
     return Indicator(indicator, variant, eps, {**values, **measured}, fired, rule, advice)
+
+
+@dataclass(frozen=True)
+class Probe:
+    """What every model probe of one variant takes, passed whole: the model with its operators set, the samples,
+    where its indicators are reported (variant, eps), APGD-CE's resolved options, the seed and the test level."""
+
+    model: nn.Module
+    x: Tensor
+    y: Tensor
+    variant: str
+    eps: float
+    norm: str = "Linf"
+    options: dict[str, Any] = field(default_factory=dict)
+    seed: int = 0
+    significance: float = 0.01
+
+    def restricted(self, keep: Tensor) -> Probe:
+        """The same probe on the samples ``keep`` marks (e.g. the clean-correct ones)."""
+        return dataclasses.replace(self, x=self.x[keep], y=self.y[keep])
+
+    def counted(self, indicator: str, **rule: Any) -> Indicator:
+        """An indicator of this probe's variant and eps, decided by :func:`counted`."""
+        return counted(indicator, self.variant, self.eps, significance=self.significance, **rule)
 
 
 # the words a report uses for the cause of a gradient-masking flag, by the probe indicator that measured it

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from meansparse_pl.attacks.autoattack import make_apgd
 from meansparse_pl.attacks.common import judge, seed_everything
-from meansparse_pl.diagnostics.indicators import Indicator, counted
+from meansparse_pl.diagnostics.indicators import Indicator, Probe
 from meansparse_pl.inputs import logits_of
 from meansparse_pl.ops import backward_mode, operators
 
@@ -60,10 +60,15 @@ class AttackRun:
 
 
 def apgd_run(
-    model: nn.Module, x: Tensor, y: Tensor, eps: float, norm: str, options: dict[str, Any], seed: int
+    probe: Probe, *, eps: float | None = None, options: dict[str, Any] | None = None, seed: int | None = None
 ) -> AttackRun:
     """``n_restarts`` single runs of APGD-CE (seeds ``seed``, ``seed + 1``, ...), each keeping the adversarial
-    point it found, as ``APGDAttack.perturb`` does, judged by the model."""
+    point it found, as ``APGDAttack.perturb`` does, judged by the model; the probe's eps, options and seed unless
+    given."""
+    model, x, y = probe.model, probe.x, probe.y
+    eps = probe.eps if eps is None else eps
+    options = probe.options if options is None else options
+    seed = probe.seed if seed is None else seed
     traced = _LossTrace(model, y)
     believed = torch.zeros_like(y, dtype=torch.bool)
     x_adv = x.clone()
@@ -73,7 +78,7 @@ def apgd_run(
             traced,
             loss="ce",
             eps=eps,
-            norm=norm,
+            norm=probe.norm,
             seed=seed + restart,
             device=x.device,
             n_iter=options["n_iter"],
@@ -90,7 +95,7 @@ def apgd_run(
         found = ~acc.bool() & ~believed
         x_adv[found] = adv[found]
         believed |= ~acc.bool()
-    kept = judge(model, x, x_adv, y, eps, norm)
+    kept = judge(model, x, x_adv, y, eps, probe.norm)
     return AttackRun(x_adv, believed, kept, torch.stack(first))
 
 
@@ -104,46 +109,28 @@ def still_rising(trace: Tensor) -> Tensor:
     return (span > 0) & (rise > TRACE_RISE * span)
 
 
-def optimisation_indicators(
-    model: nn.Module,
-    x: Tensor,
-    y: Tensor,
-    options: dict[str, Any],
-    *,
-    norm: str,
-    eps: float,
-    seed: int,
-    variant: str,
-    significance: float,
-    expensive: bool,
-) -> tuple[list[Indicator], AttackRun]:
+def optimisation_indicators(probe: Probe, expensive: bool) -> tuple[list[Indicator], AttackRun]:
     """``incomplete_optimisation``, ``silent_success`` and, when ``expensive``, ``attack_budget`` (twice the
     iterations or one more restart break more than noise allows); returns them and the configured run."""
-    run = apgd_run(model, x, y, eps, norm, options, seed)
-    kept = int(run.kept.sum())
+    run = apgd_run(probe)
+    n_iter = probe.options["n_iter"]
     rising = still_rising(run.trace) & run.kept
     indicators = [
-        counted(
+        probe.counted(
             "incomplete_optimisation",
-            variant,
-            eps,
             count=int(rising.sum()),
-            n=kept,
+            n=int(run.kept.sum()),
             tolerated=TOLERATED_RISING,
-            significance=significance,
             what=f"APGD-CE's best loss still rose by over {100 * TRACE_RISE:g}% of its run in the last "
             f"{TRACE_WINDOW} iterations on a sample it did not break",
-            advice=f"the attack stopped before converging: raise n_iter (now {options['n_iter']})",
-            n_iter=options["n_iter"],
+            advice=f"the attack stopped before converging: raise n_iter (now {n_iter})",
+            n_iter=n_iter,
         ),
-        counted(
+        probe.counted(
             "silent_success",
-            variant,
-            eps,
             count=int((run.believed_broken & run.kept).sum()),
-            n=x.shape[0],
+            n=probe.x.shape[0],
             tolerated=TOLERATED_SILENT,
-            significance=significance,
             what="APGD-CE found a point it took for adversarial, yet the model classifies the returned point "
             "correctly",
             advice="the attack's success is not reproducible: check the model for randomness (eot_iter) and "
@@ -151,37 +138,22 @@ def optimisation_indicators(
         ),
     ]
     if expensive:
-        indicators.append(
-            stronger_attack_indicator(model, x, y, run, options, norm, eps, seed, variant, significance)
-        )
+        indicators.append(stronger_attack_indicator(probe, run))
     return indicators, run
 
 
-def stronger_attack_indicator(
-    model: nn.Module,
-    x: Tensor,
-    y: Tensor,
-    run: AttackRun,
-    options: dict[str, Any],
-    norm: str,
-    eps: float,
-    seed: int,
-    variant: str,
-    significance: float,
-) -> Indicator:
+def stronger_attack_indicator(probe: Probe, run: AttackRun) -> Indicator:
     """``attack_budget``: samples the configured APGD-CE kept that twice its iterations or one more restart
     (another seed) break."""
-    doubled = apgd_run(model, x, y, eps, norm, {**options, "n_iter": 2 * options["n_iter"]}, seed)
-    another = apgd_run(model, x, y, eps, norm, {**options, "n_restarts": 1}, seed + options["n_restarts"])
+    options = probe.options
+    doubled = apgd_run(probe, options={**options, "n_iter": 2 * options["n_iter"]})
+    another = apgd_run(probe, options={**options, "n_restarts": 1}, seed=probe.seed + options["n_restarts"])
     broken_by_stronger = run.kept & ~(doubled.kept & another.kept)
-    return counted(
+    return probe.counted(
         "attack_budget",
-        variant,
-        eps,
         count=int(broken_by_stronger.sum()),
         n=int(run.kept.sum()),
         tolerated=TOLERATED_STRONGER,
-        significance=significance,
         what="twice the iterations or one more restart break a sample the configured APGD-CE kept",
         advice=f"the attack budget is too small: raise n_iter (now {options['n_iter']}) and n_restarts "
         f"(now {options['n_restarts']})",
@@ -195,51 +167,32 @@ def default_large_eps(norm: str, x: Tensor) -> float:
     return 0.5 if norm == "Linf" else 0.5 * math.sqrt(x[0].numel())
 
 
-def large_eps_indicators(
-    model: nn.Module,
-    x: Tensor,
-    y: Tensor,
-    kept_at_eps: Tensor,
-    options: dict[str, Any],
-    *,
-    norm: str,
-    eps: float,
-    large_eps: float,
-    seed: int,
-    variant: str,
-    significance: float,
-) -> list[Indicator]:
+def large_eps_indicators(probe: Probe, kept_at_eps: Tensor, large_eps: float) -> list[Indicator]:
     """``unconstrained_failure`` (APGD-CE, and its straight-through twin when the model has operators, leave
     samples correct at ``large_eps``) and ``not_monotone_in_eps`` (samples correct at ``large_eps`` that the
-    attack broke at ``eps``)."""
-    kept = apgd_run(model, x, y, large_eps, norm, options, seed).kept
-    if operators(model):
-        with backward_mode(model, "straight_through"):
-            kept &= apgd_run(model, x, y, large_eps, norm, options, seed).kept
+    attack broke at the probe's eps)."""
+    kept = apgd_run(probe, eps=large_eps).kept
+    if operators(probe.model):
+        with backward_mode(probe.model, "straight_through"):
+            kept &= apgd_run(probe, eps=large_eps).kept
     return [
-        counted(
+        probe.counted(
             "unconstrained_failure",
-            variant,
-            eps,
             count=int(kept.sum()),
-            n=x.shape[0],
+            n=probe.x.shape[0],
             tolerated=TOLERATED_LARGE_EPS,
-            significance=significance,
             what=f"a sample stays correct under APGD-CE at eps {large_eps:g}, where every image can be moved "
             "to mid-grey",
             advice="the attack cannot move the prediction even without a real constraint: its gradients are "
             "broken (add bpda-apgd-ce and square) or it is misconfigured (norm, eps units, input range)",
             large_eps=large_eps,
         ),
-        counted(
+        probe.counted(
             "not_monotone_in_eps",
-            variant,
-            eps,
             count=int((kept & ~kept_at_eps).sum()),
-            n=x.shape[0],
+            n=probe.x.shape[0],
             tolerated=TOLERATED_NOT_MONOTONE,
-            significance=significance,
-            what=f"a sample is correct at eps {large_eps:g} but broken at the smaller eps {eps:g}",
+            what=f"a sample is correct at eps {large_eps:g} but broken at the smaller eps {probe.eps:g}",
             advice="the attack is not monotone in eps: it fails to find points a larger ball contains; raise "
             "n_iter and n_restarts or change the attack",
             large_eps=large_eps,

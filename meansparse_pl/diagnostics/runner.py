@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping, Sequence
-from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -22,7 +21,7 @@ from meansparse_pl.diagnostics.gradients import (
     operator_band_indicator,
     randomness_indicator,
 )
-from meansparse_pl.diagnostics.indicators import Diagnostics, Indicator
+from meansparse_pl.diagnostics.indicators import Diagnostics, Indicator, Probe
 from meansparse_pl.diagnostics.optimisation import (
     default_large_eps,
     large_eps_indicators,
@@ -67,55 +66,20 @@ def checked_subset(model: nn.Module, x: Tensor, y: Tensor, device: torch.device)
     return x, check_labels(y, num_classes, x.shape[0], where=where).long().to(device)
 
 
-def probe_variant(
-    model: nn.Module,
-    x: Tensor,
-    y: Tensor,
-    *,
-    variant: str,
-    threat: ThreatModel,
-    options: dict[str, Any],
-    config: DiagnosticsConfig,
-    seed: int,
-) -> list[Indicator]:
+def probe_variant(probe: Probe, config: DiagnosticsConfig) -> list[Indicator]:
     """Every model-probing indicator of one variant (the model with its operators set as they are now)."""
-    eps, level = threat.eps, config.significance
-    out = [randomness_indicator(model, x, config.forwards, variant, eps, level)]
-    correct = labels_kept(model, x, y)
-    xc, yc = x[correct], y[correct]
-    if xc.shape[0] == 0:
+    out = [randomness_indicator(probe, config.forwards)]
+    correct = probe.restricted(labels_kept(probe))
+    if correct.x.shape[0] == 0:
         return out
-    out += gradient_indicators(model, xc, yc, variant, eps, level)
-    attack_checks, run = optimisation_indicators(
-        model,
-        xc,
-        yc,
-        options,
-        norm=threat.norm,
-        eps=eps,
-        seed=seed,
-        variant=variant,
-        significance=level,
-        expensive=config.expensive,
-    )
+    out += gradient_indicators(correct)
+    attack_checks, run = optimisation_indicators(correct, config.expensive)
     out += attack_checks
-    band = operator_band_indicator(model, xc, yc, run.x_adv, variant, eps, level)
+    band = operator_band_indicator(correct, run.x_adv)
     out += [band] if band is not None else []
     if config.expensive:
-        large = config.large_eps if config.large_eps is not None else default_large_eps(threat.norm, xc)
-        out += large_eps_indicators(
-            model,
-            xc,
-            yc,
-            run.kept,
-            options,
-            norm=threat.norm,
-            eps=eps,
-            large_eps=large,
-            seed=seed,
-            variant=variant,
-            significance=level,
-        )
+        large = config.large_eps if config.large_eps is not None else default_large_eps(probe.norm, probe.x)
+        out += large_eps_indicators(correct, run.kept, large)
     return out
 
 
@@ -184,9 +148,8 @@ def diagnose(
         for variant, setting in (variants or {"model": None}).items():
             if setting is not None and operators(model):
                 set_alpha(model, setting)  # type: ignore[arg-type]
-            indicators += probe_variant(
-                model, x, y, variant=variant, threat=threat, options=options, config=config, seed=seed
-            )
+            probe = Probe(model, x, y, variant, threat.eps, threat.norm, options, seed, config.significance)
+            indicators += probe_variant(probe, config)
     indicators += verdict_indicators(verdicts or {}, config.significance)
     return with_causes(Diagnostics(indicators, x.shape[0], round(time.perf_counter() - started, 2)))
 
@@ -212,12 +175,11 @@ def quick_diagnostics(
         for alpha in alphas:
             if operators(model):
                 set_alpha(model, alpha)
-            variant = f"alpha={alpha:g}"
-            found.append(randomness_indicator(model, x, config.forwards, variant, eps, config.significance))
-            correct = labels_kept(model, x, y)
-            if bool(correct.any()):
-                xc, yc = x[correct], y[correct]
-                found += gradient_indicators(model, xc, yc, variant, eps, config.significance)
-                band = operator_band_indicator(model, xc, yc, None, variant, eps, config.significance)
+            probe = Probe(model, x, y, f"alpha={alpha:g}", eps, significance=config.significance)
+            found.append(randomness_indicator(probe, config.forwards))
+            correct = probe.restricted(labels_kept(probe))
+            if correct.x.shape[0] > 0:
+                found += gradient_indicators(correct)
+                band = operator_band_indicator(correct, None)
                 found += [band] if band is not None else []
     return Diagnostics(found, x.shape[0], round(time.perf_counter() - started, 2))
