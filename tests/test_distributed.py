@@ -96,7 +96,8 @@ def _subcommands(devices: int, trained: Path, out: Path) -> dict:
 
 def test_subcommands_give_identical_verdicts_on_one_two_and_three_processes(trained, tmp_path):
     """postprocess, alpha_search, evaluate and compare (the methods cli.py calls) with random-start PGD and
-    APGD-CE: the same statistics, per-sample verdicts, chosen alpha and reports on 1, 2 and 3 processes."""
+    APGD-CE: the same statistics, per-sample verdicts, chosen alpha, reports and diagnostics on 1, 2 and 3
+    processes."""
     one = _subcommands(1, trained, tmp_path / "one")
     verdicts = one["evaluate"]
     assert len(verdicts["meansparse/eps=0.1/pgd"]) == 23
@@ -113,6 +114,11 @@ def test_subcommands_give_identical_verdicts_on_one_two_and_three_processes(trai
         assert many["alpha_search"]["per_sample"] == one["alpha_search"]["per_sample"]
         assert many["alpha_search"]["suggestion"] == one["alpha_search"]["suggestion"]
         assert many["compare"]["per_sample"] == one["compare"]["per_sample"]
+        # the attack-failure diagnostics (rank 0 in evaluate; every rank, no collective, in compare and the
+        # alpha search) do not depend on the number of processes either
+        for report in ("evaluation", "alpha_search", "compare"):
+            assert many[report]["diagnostics"] == one[report]["diagnostics"], report
+            assert one[report]["diagnostics"], report
 
 
 def _fit_with_both_callbacks(devices: int, trained: Path, out: Path) -> dict:
