@@ -367,3 +367,30 @@ def test_the_alpha_search_carries_the_cheap_indicators_of_every_alpha(sparse, te
     assert again.diagnostics.to_json() == result.diagnostics.to_json()
     assert "Diagnostics (64 samples" in result.table() and "operator_band (alpha=2)" in result.table()
     assert result.metrics()[-1]["alpha_search/diagnostics/alpha=2/eps=0.1/operator_band/fired"] == 1.0
+
+
+def _attacked(model, data, names, eps=0.1, **options) -> dict:
+    x, y = data[0][:100], data[1][:100]
+    return {
+        name: dict(enumerate(run_attack(name, model, x, y, eps=eps, **options.get(name, {})).tolist()))
+        for name in names
+    }
+
+
+def test_square_beats_apgd_on_the_shattered_gradient_model_and_not_on_its_twin(honest, test_data):
+    """Real attacks: Square breaks the input-quantised model where APGD-CE is stuck on a zero gradient; on the
+    twin, the straight-through quantiser, APGD-CE breaks everything Square breaks."""
+    square = {"square": {"n_queries": 1000}}
+    fired = {}
+    for label, model in (
+        ("shattered", Quantised(honest)),
+        ("twin", Quantised(honest, straight_through=True)),
+    ):
+        # at eps 0.2 a step can cross a quantisation bin (width 0.25): Square finds it, a zero gradient never does
+        blocks = {(label, 0.2): _attacked(model, test_data, ["apgd-ce", "square"], eps=0.2, **square)}
+        (black,) = [i for i in verdict_indicators(blocks, 0.01) if i.indicator == "black_box_beats_white_box"]
+        fired[label] = black
+    assert fired["shattered"].fired and not fired["twin"].fired, (
+        fired["shattered"].measured,
+        fired["twin"].measured,
+    )
