@@ -46,14 +46,15 @@ from meansparse_pl.config import (
     check_alpha,
     check_optional_positive_int,
 )
+from meansparse_pl.data import first_samples
 from meansparse_pl.errors import ConfigurationError
 from meansparse_pl.evaluation import single_device_trainer
-from meansparse_pl.io import safe_load, write_report
+from meansparse_pl.io import safe_load
+from meansparse_pl.lightning_runs import log_rows
 from meansparse_pl.ops import operators, set_alpha
 from meansparse_pl.placement import describe, get_preset
 from meansparse_pl.placement import sparsify as place_operators
 from meansparse_pl.sharding import whole_batch_loader
-from meansparse_pl.steps import first_samples
 
 
 class MeanSparseCallback(pl.Callback):
@@ -286,17 +287,7 @@ class AlphaSearchCallback(pl.Callback):
         output_dir: str | None = None,
     ) -> None:
         super().__init__()
-        self.search = AlphaSearch(
-            alphas=alphas,
-            threat=threat,
-            attacks=attacks,
-            max_clean_drop=max_clean_drop,
-            criterion=criterion,
-            selection=selection,
-            schedule=schedule,
-            seed=seed,
-            batch_size=batch_size,
-        )
+        self.search = AlphaSearch.from_options(locals())
         self.limit_samples = check_optional_positive_int("limit_samples", limit_samples, "or null for all")
         self.output_dir = output_dir
         self.result: AlphaSearchResult | None = None
@@ -332,10 +323,7 @@ class AlphaSearchCallback(pl.Callback):
             self.write(
                 self.result, Path(self.output_dir or os.path.join(trainer.default_root_dir, "alpha_search"))
             )
-            for logger in trainer.loggers:
-                for offset, row in enumerate(self.result.metrics()):
-                    logger.log_metrics(row, step=trainer.global_step + offset)
-                logger.save()
+            log_rows(trainer.loggers, self.result.metrics(), trainer.global_step)
         if trainer.is_global_zero and meansparse.saved_path is not None:
             architecture = pl_module.architecture() if hasattr(pl_module, "architecture") else None
             metadata = {"calibration": meansparse.summary, "alpha_search": self.result.to_json()}  # type: ignore[union-attr]
@@ -360,4 +348,4 @@ class AlphaSearchCallback(pl.Callback):
 
     def write(self, result: AlphaSearchResult, folder: Path) -> None:
         """alpha_search.md / .json / .png in ``folder``."""
-        write_report(folder, "alpha_search", result, result.plot())
+        result.write(folder)

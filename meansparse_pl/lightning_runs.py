@@ -38,6 +38,15 @@ from meansparse_pl.io import atomic_torch_save, safe_load
 from meansparse_pl.ops import operators
 
 
+def log_rows(loggers: list[Any], rows: list[dict[str, float]], first_step: int = 0) -> None:
+    """A result's numbers in the user's Lightning loggers (CSV, TensorBoard, W&B, ...), one row per step from
+    ``first_step``: the one logger adapter of every subcommand and callback."""
+    for logger in loggers:
+        for offset, row in enumerate(rows):
+            logger.log_metrics(row, step=first_step + offset)
+        logger.save()
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """``TorchCheckpointIO`` with a same-directory atomic write for local paths and one-line load errors."""
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 from torch import nn
-from torch.utils.data import Dataset, Subset
+from torch.utils.data import Dataset
 
 from meansparse_pl.alpha_search import check_alphas
 from meansparse_pl.attacks import check_attack_config, options_for
@@ -29,6 +29,7 @@ from meansparse_pl.config import (
     check_optional_positive_int,
     check_positive_int,
 )
+from meansparse_pl.data import first_samples
 from meansparse_pl.errors import CheckpointError, ConfigurationError, DataNotFoundError
 from meansparse_pl.evaluation_state import EvaluationTask
 from meansparse_pl.ops import alphas_of, operators, require_operators, set_alpha
@@ -123,14 +124,6 @@ def _check_compared(models: Any, control: Any) -> None:
         )
     for m in entries:
         _existing_file(f"{m.label} checkpoint", m.checkpoint)
-
-
-def first_samples(dataset: Dataset, limit: int | None) -> Dataset:
-    """The first ``limit`` samples of ``dataset`` (all of them for None)."""
-    limit = check_optional_positive_int("limit_samples", limit, "or null for every sample")
-    if limit is None or limit >= len(dataset):  # type: ignore[arg-type]
-        return dataset
-    return Subset(dataset, range(limit))
 
 
 def calibrated_model(checkpoint: str, network: nn.Module | None, fallback: nn.Module | None) -> nn.Module:

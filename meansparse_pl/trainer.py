@@ -42,6 +42,7 @@ from meansparse_pl.config import (
     PlacementConfig,
     ThreatModel,
 )
+from meansparse_pl.data import first_samples
 from meansparse_pl.diagnostics import diagnose
 from meansparse_pl.errors import ConfigurationError
 from meansparse_pl.evaluation import run_tasks
@@ -51,7 +52,7 @@ from meansparse_pl.io import (
     output_lock,
     write_report,
 )
-from meansparse_pl.lightning_runs import LightningSubcommands
+from meansparse_pl.lightning_runs import LightningSubcommands, log_rows
 from meansparse_pl.ops import set_alpha
 from meansparse_pl.placement import describe, sparsify
 from meansparse_pl.report import (
@@ -69,7 +70,6 @@ from meansparse_pl.steps import (
     compared_model,
     evaluate_tasks,
     evaluated_variants,
-    first_samples,
     load_trained_weights,
     operator_setting,
     split_samples,
@@ -198,17 +198,7 @@ class MeanSparseTrainer(LightningSubcommands):
             write_alpha: Store the chosen alpha (and the search result) in the checkpoint.
         """
         check_options("alpha_search", locals())
-        search = AlphaSearch(
-            alphas=alphas,
-            threat=threat,
-            attacks=attacks,
-            max_clean_drop=max_clean_drop,
-            criterion=criterion,
-            selection=selection,
-            schedule=schedule,
-            seed=seed,
-            batch_size=batch_size,
-        )
+        search = AlphaSearch.from_options(locals())
         out = Path(output_dir)
         source = Path(checkpoint)
         # the checkpoint is read now and rewritten at the end: held like postprocess holds its output, so neither
@@ -223,8 +213,8 @@ class MeanSparseTrainer(LightningSubcommands):
             state = out / "alpha_search.state" if resume else None
             result = search.run(sparse, dataset, trainer=self, state_path=state)
             if self.is_global_zero:
-                self._log(result.metrics())
-                write_report(out, "alpha_search", result, result.plot())
+                log_rows(self.loggers, result.metrics())
+                result.write(out)
                 if write_alpha:  # the report is written first: a refused rewrite loses no result
                     result.apply_to(sparse)
                     resave_checkpoint(
@@ -341,7 +331,7 @@ class MeanSparseTrainer(LightningSubcommands):
                     both = worst_case([per_sample[f"{v}/large/{a}"] for a in LARGE_EPS_ATTACKS])
                     report.large_eps_check[v] = 100.0 * sum(both.values()) / len(dataset)  # type: ignore[arg-type]
             if self.is_global_zero:
-                self._log([report.metrics()])
+                log_rows(self.loggers, [report.metrics()])
                 write_report(out, "evaluation", report)
                 if histogram_site is not None:
                     channel_histogram(
@@ -394,7 +384,7 @@ class MeanSparseTrainer(LightningSubcommands):
             if self.is_global_zero:  # no collective inside: the other ranks wait at the barrier below
                 options = {"threat": threat, "attacks": attacks, "config": diagnostics, "seed": seed}
                 found = diagnose(sparse, dataset, variants=dict(variants), **options)
-                self._log([found.metrics("diagnose")])
+                log_rows(self.loggers, [found.metrics("diagnose")])
                 write_report(out, "diagnostics", found)
                 print(f"{found.table()}\n\nwrote {out}/diagnostics.{{md,json}} ({found.seconds:.1f} s)")
             self.strategy.barrier("diagnose_saved")
@@ -459,7 +449,7 @@ class MeanSparseTrainer(LightningSubcommands):
                 diagnostics=diagnostics,
             )
             if self.is_global_zero:
-                self._log([result.metrics()])
+                log_rows(self.loggers, [result.metrics()])
                 write_report(out, "comparison", result, result.plot())
                 print(result.table())
                 print(f"\nwrote {out}/comparison.{{md,json,png}}")
@@ -468,14 +458,6 @@ class MeanSparseTrainer(LightningSubcommands):
     # ----------------------------------------------------------------------------------------- shared
     #: set by ``cli.py`` before a subcommand runs: the ``--network`` it was given, as a checkpoint records it
     network_record: dict | None = None
-
-    def _log(self, rows: list[dict[str, float]]) -> None:
-        """Send a subcommand's numbers to the configured Lightning loggers (CSV, TensorBoard, W&B, ...), one row
-        per step, so they are where the user's training metrics are."""
-        for logger in self.loggers:
-            for step, row in enumerate(rows):
-                logger.log_metrics(row, step=step)
-            logger.save()
 
     def _holding(self, folder: Path, lock_name: str = LOCK_NAME) -> contextlib.AbstractContextManager:
         """The output folder held for this run (by rank 0, which writes the reports), or a refusal before any

@@ -7,7 +7,9 @@ alpha and attack, :meth:`~AlphaSearchResult.suggestion` (the alpha the rule pick
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from torch import nn
@@ -16,6 +18,7 @@ from meansparse_pl.attacks import PerSample, decode_verdicts, encode_verdicts, p
 from meansparse_pl.diagnostics import Diagnostics
 from meansparse_pl.errors import ConfigurationError
 from meansparse_pl.evaluation import accuracy
+from meansparse_pl.io import write_report
 from meansparse_pl.ops import set_alpha
 
 if TYPE_CHECKING:
@@ -302,6 +305,10 @@ class AlphaSearchResult:
             }
         )
         return rows
+
+    def write(self, folder: str | os.PathLike) -> list[Path]:
+        """``alpha_search.md`` / ``.json`` / ``.png`` in ``folder``, written as one."""
+        return write_report(folder, "alpha_search", self, self.plot())
 
     # ------------------------------------------------------------------------------------------- JSON
     def to_json(self) -> dict[str, Any]:

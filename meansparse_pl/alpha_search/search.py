@@ -11,8 +11,9 @@ spent is the schedule's business (:mod:`.schedules`).
 
 from __future__ import annotations
 
+import inspect
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -129,6 +130,13 @@ class AlphaSearch:
             raise ConfigurationError(f"seed must be an integer, got {seed!r}.")
         self.seed = seed
         self.batch_size = check_positive_int("batch_size", batch_size)
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any]) -> AlphaSearch:
+        """The search that a subcommand's or a callback's options describe (their other options ignored): the one
+        way the glue builds it, so the two cannot drift apart."""
+        names = inspect.signature(cls.__init__).parameters
+        return cls(**{name: value for name, value in options.items() if name in names and name != "self"})
 
     @property
     def columns(self) -> list[str]:

@@ -28,6 +28,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision.datasets.folder import pil_loader
 
+from meansparse_pl.config import check_optional_positive_int
 from meansparse_pl.errors import ConfigurationError, DataFormatError
 
 Transform = Callable[[torch.Tensor], torch.Tensor]
@@ -274,3 +275,12 @@ def first_indices(indices: list[int], count: int | None, what: str) -> list[int]
     if count > len(indices):
         raise ConfigurationError(f"{what}={count} but the split has only {len(indices)} images")
     return indices[:count]
+
+
+def first_samples(dataset: Dataset, limit: int | None) -> Dataset:
+    """The first ``limit`` samples of ``dataset`` (all of them for None): how every subcommand and callback
+    selects the samples it evaluates."""
+    limit = check_optional_positive_int("limit_samples", limit, "or null for every sample")
+    if limit is None or limit >= len(dataset):  # type: ignore[arg-type]
+        return dataset
+    return Subset(dataset, range(limit))
