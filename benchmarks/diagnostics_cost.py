@@ -30,7 +30,8 @@ from meansparse_pl.config import DiagnosticsConfig
 from meansparse_pl.data import FashionMNISTDataModule
 from meansparse_pl.evaluation import run_tasks
 from meansparse_pl.report import atomic_attacks
-from meansparse_pl.steps import evaluate_tasks, evaluated_variants, split_samples
+from meansparse_pl.robustness import RobustnessEvaluation, task_key
+from meansparse_pl.steps import evaluated_variants, split_samples
 from meansparse_pl.trainer import EVALUATE_ATTACKS
 
 
@@ -52,14 +53,14 @@ def main() -> None:
     names = [a for a in EVALUATE_ATTACKS if not (args.quick and a == "autoattack")]
     attacks = AttackConfig(names=names)
     _, variants = evaluated_variants(model, None, True)
-    tasks = evaluate_tasks(variants, [threat.eps], attacks, threat, None, ())
+    tasks = RobustnessEvaluation(attacks, threat, diagnostics=None).tasks(variants)
     verdicts: dict = {}
 
     def evaluation() -> None:
         per_sample = run_tasks(model, dataset, tasks, batch_size=500, seed=0)
         for variant, _ in variants:
             verdicts[(variant, threat.eps)] = {
-                a: per_sample[f"{variant}/eps={threat.eps:g}/{a}"] for a in atomic_attacks(names)
+                a: per_sample[task_key(variant, threat.eps, a)] for a in atomic_attacks(names)
             }
 
     def diagnostics(expensive: bool) -> None:

@@ -19,6 +19,7 @@ from meansparse_pl.placement import (
     sparsify,
 )
 from meansparse_pl.published import convert_published
+from meansparse_pl.robustness import RobustnessEvaluation
 
 __version__ = "0.1.0"
 
@@ -36,6 +37,7 @@ __all__ = [
     "MeanSparseError",
     "Placement",
     "PlacementConfig",
+    "RobustnessEvaluation",
     "Site",
     "SuccessiveHalving",
     "ThreatModel",

@@ -14,7 +14,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from meansparse_pl.alpha_search import check_alphas
-from meansparse_pl.attacks import check_attack_config, options_for
+from meansparse_pl.attacks import check_attack_config
 from meansparse_pl.calibration import check_input_shape, expected_input_shape
 from meansparse_pl.checkpoint import load_checkpoint, load_model_or_weights, load_weights
 from meansparse_pl.config import (
@@ -31,10 +31,9 @@ from meansparse_pl.config import (
 )
 from meansparse_pl.data import first_samples
 from meansparse_pl.errors import CheckpointError, ConfigurationError, DataNotFoundError
-from meansparse_pl.evaluation_state import EvaluationTask
 from meansparse_pl.ops import alphas_of, operators, require_operators, set_alpha
 from meansparse_pl.placement import get_preset
-from meansparse_pl.report import COMPOSITE_ATTACKS, atomic_attacks
+from meansparse_pl.report import COMPOSITE_ATTACKS
 from meansparse_pl.robustbench import load_robustbench_weights
 
 
@@ -218,32 +217,3 @@ def evaluated_variants(
     )
     same_as_base = not isinstance(setting, tuple) and setting == 0
     return setting, [("meansparse", setting)] + ([("base", 0.0)] if compare_base and not same_as_base else [])
-
-
-def evaluate_tasks(
-    variants: list[tuple[str, Any]],
-    radii: list[float],
-    attacks: AttackConfig,
-    threat: ThreatModel,
-    large: ThreatModel | None,
-    large_attacks: tuple[str, ...],
-) -> list[EvaluationTask]:
-    """``evaluate``'s tasks, keyed ``<variant>/eps=<eps>/<attack>``: every attack of ``attacks.names`` (composites
-    expanded) per variant and radius, then the cascade, each on the survivors of all before it; with ``large``,
-    ``large_attacks`` at that radius (``<variant>/large/<attack>``)."""
-    atomic = atomic_attacks(attacks.names)
-    tasks = []
-    for variant, setting in variants:
-        for eps in radii:
-            prefix, at = f"{variant}/eps={eps:g}/", threat.with_eps(eps)
-            tasks += [EvaluationTask(prefix + a, a, at, options_for(attacks, a), setting) for a in atomic]
-            for position, a in enumerate(attacks.cascade):
-                before = tuple(prefix + b for b in (*atomic, *attacks.cascade[:position]))
-                tasks.append(EvaluationTask(prefix + a, a, at, options_for(attacks, a), setting, before))
-    if large is not None:
-        tasks += [
-            EvaluationTask(f"{v}/large/{a}", a, large, options_for(attacks, a), setting)
-            for v, setting in variants
-            for a in large_attacks
-        ]
-    return tasks

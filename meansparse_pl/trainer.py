@@ -31,7 +31,6 @@ from meansparse_pl.alpha_search import (
     Selection,
 )
 from meansparse_pl.architecture import network_record
-from meansparse_pl.attacks import worst_case
 from meansparse_pl.calibration import CalibrationModule, images_of
 from meansparse_pl.checkpoint import resave_checkpoint, save_checkpoint
 from meansparse_pl.comparison import compare_models
@@ -45,7 +44,6 @@ from meansparse_pl.config import (
 from meansparse_pl.data import first_samples
 from meansparse_pl.diagnostics import diagnose
 from meansparse_pl.errors import ConfigurationError
-from meansparse_pl.evaluation import run_tasks
 from meansparse_pl.io import (
     LOCK_NAME,
     file_version,
@@ -56,19 +54,15 @@ from meansparse_pl.lightning_runs import LightningSubcommands, log_rows
 from meansparse_pl.ops import set_alpha
 from meansparse_pl.placement import describe, sparsify
 from meansparse_pl.report import (
-    RobustnessReport,
-    VariantResult,
-    atomic_attacks,
     channel_histogram,
-    summarise,
 )
+from meansparse_pl.robustness import RobustnessEvaluation
 from meansparse_pl.sharding import whole_batches_of
 from meansparse_pl.steps import (
     calibrated_model,
     check_data_fits,
     check_options,
     compared_model,
-    evaluate_tasks,
     evaluated_variants,
     load_trained_weights,
     operator_setting,
@@ -85,7 +79,6 @@ EVALUATE_ATTACKS = (
     "surrogate-apgd-ce",
     "transfer-base",
 )
-LARGE_EPS_ATTACKS = ("apgd-ce", "bpda-apgd-ce")
 
 
 class MeanSparseTrainer(LightningSubcommands):
@@ -276,61 +269,28 @@ class MeanSparseTrainer(LightningSubcommands):
                 large eps, test level; see DiagnosticsConfig).
         """
         check_options("evaluate", locals())
-        radii = sorted({threat.eps, *(threat.with_eps(e).eps for e in extra_eps or [])})
-        large = None if large_eps is None else threat.with_eps(large_eps)
+        evaluation = RobustnessEvaluation(
+            attacks, threat, tuple(extra_eps or ()), large_eps, diagnostics, seed, batch_size
+        )
         out = Path(output_dir)
         with self._holding(out):
             sparse = self._calibrated_model(checkpoint, network, model)
-            setting, variants = evaluated_variants(sparse, alpha, compare_base)
-            atomic = atomic_attacks(attacks.names)
-            tasks = evaluate_tasks(variants, radii, attacks, threat, large, LARGE_EPS_ATTACKS)
+            _, variants = evaluated_variants(sparse, alpha, compare_base)
             dataset = split_samples(datamodule, split, limit_samples)
             check_data_fits(sparse, dataset, datamodule, checkpoint)
-            per_sample = run_tasks(
+            report = evaluation.run(
                 sparse,
                 dataset,
-                tasks,
-                batch_size=batch_size,
-                seed=seed,
-                state_path=out / "evaluation.state" if resume else None,
+                variants=dict(variants),
                 trainer=self,
+                state_path=out / "evaluation.state" if resume else None,
+                with_diagnostics=self.is_global_zero,  # no collective inside: the others wait at the barrier
             )
-            results = []
-            blocks = {}
-            for v, va in variants:
-                for e in radii:
-                    subset = {a: per_sample[f"{v}/eps={e:g}/{a}"] for a in (*atomic, *attacks.cascade)}
-                    blocks[(v, e)] = subset
-                    alpha_of_variant = None if isinstance(va, tuple) else va  # None: one alpha per operator
-                    results.append(VariantResult(v, alpha_of_variant, e, summarise(subset, attacks.names)))
-            found = None
-            if self.is_global_zero:  # no collective inside: the other ranks wait at the barrier below
-                found = diagnose(
-                    sparse,
-                    dataset,
-                    threat=threat,
-                    attacks=attacks,
-                    config=diagnostics,
-                    variants=dict(variants),
-                    seed=seed,
-                    verdicts=blocks,
-                )
-                rank_zero_info(f"diagnostics: {found.verdict()} ({found.seconds:.1f} s)")
-            report = RobustnessReport(
-                threat.norm,
-                len(dataset),
-                list(attacks.names),
-                results,
-                large_eps=large_eps,
-                operator_alphas=list(setting) if isinstance(setting, tuple) else None,
-                cascade=list(attacks.cascade) or None,
-                diagnostics=found,
-            )
-            if large is not None:
-                for v, _ in variants:
-                    both = worst_case([per_sample[f"{v}/large/{a}"] for a in LARGE_EPS_ATTACKS])
-                    report.large_eps_check[v] = 100.0 * sum(both.values()) / len(dataset)  # type: ignore[arg-type]
             if self.is_global_zero:
+                assert report.diagnostics is not None
+                rank_zero_info(
+                    f"diagnostics: {report.diagnostics.verdict()} ({report.diagnostics.seconds:.1f} s)"
+                )
                 log_rows(self.loggers, [report.metrics()])
                 write_report(out, "evaluation", report)
                 if histogram_site is not None:
