@@ -43,10 +43,11 @@ from pathlib import Path
 from common import describe_machine
 
 from meansparse_pl import load_checkpoint, set_alpha
-from meansparse_pl.comparison import ModelComparison, compare_models, comparison_tasks
+from meansparse_pl.comparison import ModelComparison, compare_models
 from meansparse_pl.config import AttackConfig, ThreatModel
 from meansparse_pl.data import FashionMNISTDataModule
 from meansparse_pl.evaluation import run_tasks
+from meansparse_pl.robustness import RobustnessEvaluation
 
 ROOT = Path(__file__).resolve().parent.parent
 FMNIST = "/usr/share/datasets/fashion-mnist"
@@ -167,7 +168,8 @@ def cascade_against_independent(checkpoint: Path, samples: int, folder: Path) ->
         ("cascade", AttackConfig(names=["clean"], cascade=attacks)),
     ):
         started = time.perf_counter()
-        results = run_tasks(model, dataset, comparison_tasks(config, THREAT), batch_size=500)
+        evaluation = RobustnessEvaluation(config, THREAT, diagnostics=None)
+        results = run_tasks(model, dataset, evaluation.tasks([("m", None)]), batch_size=500)
         timings[mode] = time.perf_counter() - started
         verdicts[mode] = {i: all(r[i] for r in results.values()) for i in range(len(dataset))}
     agree = sum(verdicts["independent"][i] == verdicts["cascade"][i] for i in verdicts["cascade"])

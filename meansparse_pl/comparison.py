@@ -26,15 +26,15 @@ from meansparse_pl.attacks import (
     PerSample,
     decode_verdicts,
     encode_verdicts,
-    options_for,
     paired_gap,
     worst_case,
 )
 from meansparse_pl.config import AttackConfig, DiagnosticsConfig, ThreatModel
 from meansparse_pl.diagnostics import Diagnostics, diagnose
 from meansparse_pl.errors import ConfigurationError
-from meansparse_pl.evaluation import EvaluationTask, accuracy, run_tasks
-from meansparse_pl.report import COMPOSITE_ATTACKS, atomic_attacks
+from meansparse_pl.evaluation import accuracy, run_tasks
+from meansparse_pl.report import COMPOSITE_ATTACKS
+from meansparse_pl.robustness import RobustnessEvaluation
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -45,17 +45,6 @@ if TYPE_CHECKING:
 TARGET_GAIN = 1.0
 TARGET_STANDARD_ERRORS = 2.0
 TARGET_CLEAN_LOSS = 0.5
-
-
-def comparison_tasks(attacks: AttackConfig, threat: ThreatModel) -> list[EvaluationTask]:
-    """The attacks of ``names`` on every sample (composites expanded), then the cascade, each on the survivors of
-    everything before it. Alpha is left as the model has it."""
-    atomic = atomic_attacks(attacks.names)
-    tasks = [EvaluationTask(a, a, threat, options_for(attacks, a)) for a in atomic]
-    for position, name in enumerate(attacks.cascade):
-        before = (*atomic, *attacks.cascade[:position])
-        tasks.append(EvaluationTask(name, name, threat, options_for(attacks, name), None, before))
-    return tasks
 
 
 @dataclass
@@ -350,7 +339,7 @@ def compare_models(
             f"the control {control!r} is not one of the compared models {sorted(models)}; name one of their "
             "labels as the control."
         )
-    tasks = comparison_tasks(attacks, threat)
+    evaluation = RobustnessEvaluation(attacks, threat, diagnostics=None, seed=seed, batch_size=batch_size)
     per_sample: dict[str, dict[str, PerSample]] = {}
     seconds: dict[str, float] = {}
     for label, model in models.items():
@@ -360,16 +349,17 @@ def compare_models(
                 state_dir, f"compare-{hashlib.sha256(label.encode()).hexdigest()[:12]}.state"
             )
         started = time.perf_counter()
-        per_sample[label] = run_tasks(
+        verdicts = run_tasks(
             model,
             dataset,
-            tasks,
+            evaluation.tasks([(label, None)]),  # alpha as the model has it
             batch_size=batch_size,
             seed=seed,
             state_path=state,
             trainer=trainer,
             distributed=distributed,
         )
+        per_sample[label] = evaluation.columns(verdicts, label)
         seconds[label] = round(time.perf_counter() - started, 1)
     found = None
     if diagnostics is not None:

@@ -92,6 +92,15 @@ class RobustnessEvaluation:
             ]
         return tasks
 
+    def columns(
+        self, per_sample: Mapping[str, PerSample], variant: str, eps: float | None = None
+    ) -> dict[str, PerSample]:
+        """One variant's verdicts at one radius (default ``threat.eps``) from :func:`run_tasks`' result, by attack,
+        in the order the attacks ran (the columns, then the cascade)."""
+        eps = self.threat.eps if eps is None else eps
+        attacks = [*atomic_attacks(self.attacks.names), *self.attacks.cascade]
+        return {a: per_sample[task_key(variant, eps, a)] for a in attacks}
+
     def run(
         self,
         model: nn.Module,

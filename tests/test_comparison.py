@@ -13,10 +13,11 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from meansparse_pl import calibrate, set_alpha, sparsify
-from meansparse_pl.comparison import ModelComparison, compare_models, comparison_tasks
+from meansparse_pl.comparison import ModelComparison, compare_models
 from meansparse_pl.config import AttackConfig, ThreatModel
 from meansparse_pl.errors import ConfigurationError
 from meansparse_pl.evaluation import run_tasks
+from meansparse_pl.robustness import RobustnessEvaluation
 
 
 def _bits(text: str) -> dict[int, bool]:
@@ -124,7 +125,10 @@ def test_compare_models_cascade_gives_the_best_known_of_the_same_attacks_run_in_
     models = {"control": sparse, "same": sparse}
     result = compare_models(models, data, control="control", attacks=cascade, threat=threat, batch_size=40)
     # independent: every attack on every sample, then the per-sample AND
-    independent = run_tasks(sparse, data, comparison_tasks(full, threat), batch_size=40)
+    evaluation = RobustnessEvaluation(full, threat, diagnostics=None)
+    independent = evaluation.columns(
+        run_tasks(sparse, data, evaluation.tasks([("m", None)]), batch_size=40), "m"
+    )
     expected = {i: all(independent[a][i] for a in independent) for i in range(len(data))}
     assert result.verdicts("control", "best_known") == expected
     assert 0 < sum(expected.values()) < len(data)  # the attacks break some samples, not all
