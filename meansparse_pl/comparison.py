@@ -363,20 +363,7 @@ def compare_models(
         seconds[label] = round(time.perf_counter() - started, 1)
     found = None
     if diagnostics is not None:
-        found = Diagnostics(subset=min(diagnostics.subset, len(dataset)))  # type: ignore[arg-type]
-        for label, model in models.items():
-            part = diagnose(
-                model,
-                dataset,
-                threat=threat,
-                attacks=attacks,
-                config=diagnostics,
-                variants={label: None},
-                seed=seed,
-                verdicts={(label, threat.eps): per_sample[label]},
-            )
-            found.indicators += part.indicators
-            found.seconds = round(found.seconds + part.seconds, 2)
+        found = diagnose_models(models, dataset, per_sample, threat, attacks, diagnostics, seed)
     return ModelComparison(
         norm=threat.norm,
         eps=threat.eps,
@@ -388,3 +375,31 @@ def compare_models(
         seconds=seconds,
         diagnostics=found,
     )
+
+
+def diagnose_models(
+    models: Mapping[str, nn.Module],
+    dataset: Dataset,
+    per_sample: Mapping[str, Mapping[str, PerSample]],
+    threat: ThreatModel,
+    attacks: AttackConfig,
+    config: DiagnosticsConfig,
+    seed: int,
+) -> Diagnostics:
+    """The indicators of attack failure of every compared model (each its own variant, labelled as in the
+    comparison), its per-sample indicators read from its verdicts."""
+    found = Diagnostics(subset=min(config.subset, len(dataset)))  # type: ignore[arg-type]
+    for label, model in models.items():
+        part = diagnose(
+            model,
+            dataset,
+            threat=threat,
+            attacks=attacks,
+            config=config,
+            variants={label: None},
+            seed=seed,
+            verdicts={(label, threat.eps): per_sample[label]},
+        )
+        found.indicators += part.indicators
+        found.seconds = round(found.seconds + part.seconds, 2)
+    return found
