@@ -152,10 +152,21 @@ class RobustnessEvaluation:
             diagnostics=found,
         )
         if self.large_eps is not None:
-            for v, _ in pairs:
-                both = worst_case([per_sample[task_key(v, None, a)] for a in LARGE_EPS_ATTACKS])
-                report.large_eps_check[v] = 100.0 * sum(both.values()) / len(data)  # type: ignore[arg-type]
+            report.large_eps_check.update(
+                self._large_eps_accuracy(per_sample, [v for v, _ in pairs], len(data))
+            )  # type: ignore[arg-type]
         return report
+
+    @staticmethod
+    def _large_eps_accuracy(
+        per_sample: Mapping[str, PerSample], variants: list[str], n: int
+    ) -> dict[str, float]:
+        """Per variant, the accuracy (percent) under both large-eps attacks, per sample worst case."""
+        out = {}
+        for v in variants:
+            both = worst_case([per_sample[task_key(v, None, a)] for a in LARGE_EPS_ATTACKS])
+            out[v] = 100.0 * sum(both.values()) / n
+        return out
 
     @staticmethod
     def _resolved(model: nn.Module, setting: Setting) -> float | tuple[float, ...] | None:

@@ -20,6 +20,7 @@ import lightning.pytorch as pl
 from jsonargparse import lazy_instance
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
+from torch.utils.data import Dataset
 
 from meansparse_pl.alpha_search import (
     PAPER_ALPHAS,
@@ -274,14 +275,11 @@ class MeanSparseTrainer(LightningSubcommands):
         )
         out = Path(output_dir)
         with self._holding(out):
-            sparse = self._calibrated_model(checkpoint, network, model)
-            _, variants = evaluated_variants(sparse, alpha, compare_base)
-            dataset = split_samples(datamodule, split, limit_samples)
-            check_data_fits(sparse, dataset, datamodule, checkpoint)
+            sparse, variants, dataset = self._variants_and_samples(locals())
             report = evaluation.run(
                 sparse,
                 dataset,
-                variants=dict(variants),
+                variants=variants,
                 trainer=self,
                 state_path=out / "evaluation.state" if resume else None,
                 with_diagnostics=self.is_global_zero,  # no collective inside: the others wait at the barrier
@@ -337,13 +335,10 @@ class MeanSparseTrainer(LightningSubcommands):
         check_options("diagnose", locals())
         out = Path(output_dir)
         with self._holding(out):
-            sparse = self._calibrated_model(checkpoint, network, model)
-            _, variants = evaluated_variants(sparse, alpha, compare_base)
-            dataset = split_samples(datamodule, split, limit_samples)
-            check_data_fits(sparse, dataset, datamodule, checkpoint)
+            sparse, variants, dataset = self._variants_and_samples(locals())
             if self.is_global_zero:  # no collective inside: the other ranks wait at the barrier below
                 options = {"threat": threat, "attacks": attacks, "config": diagnostics, "seed": seed}
-                found = diagnose(sparse, dataset, variants=dict(variants), **options)
+                found = diagnose(sparse, dataset, variants=variants, **options)
                 log_rows(self.loggers, [found.metrics("diagnose")])
                 write_report(out, "diagnostics", found)
                 print(f"{found.table()}\n\nwrote {out}/diagnostics.{{md,json}} ({found.seconds:.1f} s)")
@@ -423,6 +418,16 @@ class MeanSparseTrainer(LightningSubcommands):
         """The output folder held for this run (by rank 0, which writes the reports), or a refusal before any
         file is written."""
         return output_lock(folder, lock_name) if self.is_global_zero else contextlib.nullcontext(folder)
+
+    def _variants_and_samples(self, options: dict) -> tuple[nn.Module, dict, Dataset]:
+        """``evaluate``'s and ``diagnose``'s model (from ``checkpoint``), its variants (MeanSparse and, with
+        ``compare_base``, alpha 0) and the samples of ``split``, checked against the model."""
+        get = options.get
+        sparse = self._calibrated_model(get("checkpoint"), get("network"), get("model"))
+        _, variants = evaluated_variants(sparse, get("alpha"), get("compare_base"))
+        dataset = split_samples(get("datamodule"), get("split"), get("limit_samples"))
+        check_data_fits(sparse, dataset, get("datamodule"), get("checkpoint"))
+        return sparse, dict(variants), dataset
 
     def _calibrated_model(
         self, checkpoint: str, network: nn.Module | None, model: pl.LightningModule
