@@ -259,12 +259,7 @@ class ModelComparison:
         return out
 
     def to_json(self) -> dict[str, Any]:
-        diagnostics = {}
-        if self.diagnostics is not None:
-            diagnostics = {
-                "diagnostics": self.diagnostics.to_json(),
-                "diagnostics_subset": self.diagnostics.subset,
-            }
+        diagnostics = self.diagnostics.report_fields() if self.diagnostics is not None else {}
         return diagnostics | {
             "norm": self.norm,
             "eps": self.eps,
@@ -306,12 +301,7 @@ class ModelComparison:
             },
             settings=dict(data.get("settings") or {}),
             seconds={k: float(v) for k, v in (data.get("seconds") or {}).items()},
-            diagnostics=Diagnostics.from_json(
-                data["diagnostics"],
-                int(data.get("diagnostics_subset", 0)),
-            )
-            if "diagnostics" in data
-            else None,
+            diagnostics=Diagnostics.from_report(data),
         )
 
 

@@ -184,8 +184,7 @@ class RobustnessReport:
         if self.cascade:
             data["cascade"] = self.cascade
         if self.diagnostics is not None:
-            data["diagnostics"] = self.diagnostics.to_json()
-            data["diagnostics_subset"] = self.diagnostics.subset
+            data.update(self.diagnostics.report_fields())
         return data
 
     def metrics(self) -> dict[str, float]:

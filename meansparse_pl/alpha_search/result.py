@@ -344,14 +344,7 @@ class AlphaSearchResult:
                 if self.site_alphas is not None
                 else {}
             ),
-            **(
-                {
-                    "diagnostics": self.diagnostics.to_json(),
-                    "diagnostics_subset": self.diagnostics.subset,
-                }
-                if self.diagnostics is not None
-                else {}
-            ),
+            **(self.diagnostics.report_fields() if self.diagnostics is not None else {}),
         }
 
     @classmethod
@@ -388,12 +381,7 @@ class AlphaSearchResult:
                 else None,
                 site_steps=list(data.get("site_steps", [])),
                 site_accuracy={c: float(v) for c, v in data.get("site_accuracy", {}).items()},
-                diagnostics=Diagnostics.from_json(
-                    data["diagnostics"],
-                    int(data.get("diagnostics_subset", 0)),
-                )
-                if "diagnostics" in data
-                else None,
+                diagnostics=Diagnostics.from_report(data),
             )
         except (KeyError, TypeError, ValueError) as error:
             raise ConfigurationError(

@@ -231,6 +231,17 @@ class Diagnostics:
     def from_json(cls, entries: list[dict[str, Any]], subset: int = 0, seconds: float = 0.0) -> Diagnostics:
         return cls([Indicator.from_json(e) for e in entries], subset, seconds)
 
+    def report_fields(self) -> dict[str, Any]:
+        """The keys a result's JSON carries for its diagnostics (read back by :meth:`from_report`)."""
+        return {"diagnostics": self.to_json(), "diagnostics_subset": self.subset}
+
+    @classmethod
+    def from_report(cls, data: dict[str, Any]) -> Diagnostics | None:
+        """The diagnostics a result's JSON carries (:meth:`report_fields`), or None when it has none."""
+        if "diagnostics" not in data:
+            return None
+        return cls.from_json(data["diagnostics"], int(data.get("diagnostics_subset", 0)))
+
     def metrics(self, prefix: str) -> dict[str, float]:
         """Each indicator's numbers under ``<prefix>/diagnostics/<variant>/eps=<eps>/<indicator>/...`` and its
         ``fired`` as 0 / 1, for a logger."""

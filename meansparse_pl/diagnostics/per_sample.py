@@ -37,38 +37,31 @@ def verdict_indicators(blocks: VerdictBlocks, significance: float) -> list[Indic
     for (variant, eps), columns in blocks.items():
         n = len(next(iter(columns.values()))) if columns else 0
         white = tuple(a for a in EXACT_WHITE_BOX if a in columns)
-        black = tuple(a for a in BLACK_BOX_OR_TRANSFER if a in columns)
-        if white and black:
+        exact = ("apgd-ce",) if "apgd-ce" in columns else ()
+        # indicator, the attacks that must not win, the ones they must not beat, tolerated rate, words, advice
+        contests = (
+            ("black_box_beats_white_box", BLACK_BOX_OR_TRANSFER, white, "", TOLERATED_BLACK_BOX,
+             "the white-box gradients are misleading: quote best known, and add bpda-apgd-ce and square with more "
+             "queries"),
+            ("adaptive_beats_exact", ADAPTIVE, exact, "exact-gradient ", TOLERATED_ADAPTIVE,
+             "gradients are masked: quote best known (never apgd-ce alone); the cause is in the measured values"),
+        )  # fmt: skip
+        for name, candidates, reference, words, tolerated, advice in contests:
+            others = tuple(a for a in candidates if a in columns)
+            if not (others and reference):
+                continue
             out.append(
                 counted(
-                    "black_box_beats_white_box",
+                    name,
                     variant,
                     eps,
-                    count=broken_only_by(columns, black, white),
+                    count=broken_only_by(columns, others, reference),
                     n=n,
-                    tolerated=TOLERATED_BLACK_BOX,
+                    tolerated=tolerated,
                     significance=significance,
-                    what=f"{' or '.join(black)} breaks a sample that {', '.join(white)} kept",
-                    advice="the white-box gradients are misleading: quote best known, and add bpda-apgd-ce and "
-                    "square with more queries",
-                    attacks=", ".join(black),
-                )
-            )
-        adaptive = tuple(a for a in ADAPTIVE if a in columns)
-        if adaptive and "apgd-ce" in columns:
-            out.append(
-                counted(
-                    "adaptive_beats_exact",
-                    variant,
-                    eps,
-                    count=broken_only_by(columns, adaptive, ("apgd-ce",)),
-                    n=n,
-                    tolerated=TOLERATED_ADAPTIVE,
-                    significance=significance,
-                    what=f"{' or '.join(adaptive)} breaks a sample that exact-gradient apgd-ce kept",
-                    advice="gradients are masked: quote best known (never apgd-ce alone); the cause is in the "
-                    "measured values",
-                    attacks=", ".join(adaptive),
+                    what=f"{' or '.join(others)} breaks a sample that {words}{', '.join(reference)} kept",
+                    advice=advice,
+                    attacks=", ".join(others),
                 )
             )
     out += monotone_indicators(blocks, significance)
