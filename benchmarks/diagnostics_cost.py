@@ -52,13 +52,13 @@ def main() -> None:
     threat = ThreatModel("Linf", 0.1)
     names = [a for a in EVALUATE_ATTACKS if not (args.quick and a == "autoattack")]
     attacks = AttackConfig(names=names)
-    _, variants = evaluated_variants(model, None, True)
-    tasks = RobustnessEvaluation(attacks, threat, diagnostics=None).tasks(variants)
+    variants = evaluated_variants(model, None, True)
+    tasks = RobustnessEvaluation(attacks, threat, diagnostics=None).tasks(list(variants.items()))
     verdicts: dict = {}
 
     def evaluation() -> None:
         per_sample = run_tasks(model, dataset, tasks, batch_size=500, seed=0)
-        for variant, _ in variants:
+        for variant in variants:
             verdicts[(variant, threat.eps)] = {
                 a: per_sample[task_key(variant, threat.eps, a)] for a in atomic_attacks(names)
             }
@@ -70,7 +70,7 @@ def main() -> None:
             threat=threat,
             attacks=attacks,
             config=DiagnosticsConfig(expensive=expensive),
-            variants=dict(variants),
+            variants=variants,
             verdicts=verdicts,
         )
 

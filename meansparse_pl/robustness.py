@@ -30,6 +30,15 @@ LARGE_EPS_ATTACKS = ("apgd-ce", "bpda-apgd-ce")
 Setting = float | tuple[float, ...] | None
 
 
+def model_setting(model: nn.Module) -> float | tuple[float, ...] | None:
+    """The operator setting a model has now: its one shared alpha, one alpha per operator, or None without
+    operators."""
+    own = alphas_of(model)
+    if not own:
+        return None
+    return own[0] if len(set(own)) == 1 else tuple(own)
+
+
 def task_key(variant: str, eps: float | None, attack: str) -> str:
     """The one spelling of a task's key (also the resume state's): ``<variant>/eps=<eps>/<attack>``, or
     ``<variant>/large/<attack>`` for the large-eps check (``eps`` None)."""
@@ -116,7 +125,9 @@ class RobustnessEvaluation:
         every sample of ``data``. ``trainer`` / ``distributed`` / ``state_path`` as
         :func:`~meansparse_pl.evaluation.run_tasks` takes them. ``with_diagnostics=False`` leaves the
         diagnostics out of this process's report (they have no collective: under DDP, rank 0 alone runs them)."""
-        pairs = [(v, self._resolved(model, s)) for v, s in (variants or {"model": None}).items()]
+        pairs = [
+            (v, model_setting(model) if s is None else s) for v, s in (variants or {"model": None}).items()
+        ]
         per_sample = run_tasks(
             model,
             data,
@@ -167,15 +178,6 @@ class RobustnessEvaluation:
             both = worst_case([per_sample[task_key(v, None, a)] for a in LARGE_EPS_ATTACKS])
             out[v] = 100.0 * sum(both.values()) / n
         return out
-
-    @staticmethod
-    def _resolved(model: nn.Module, setting: Setting) -> float | tuple[float, ...] | None:
-        """None: the model's own alphas (one shared value, or one per operator); a model without operators keeps
-        None."""
-        if setting is not None or not alphas_of(model):
-            return setting
-        own = alphas_of(model)
-        return own[0] if len(set(own)) == 1 else tuple(own)
 
     def _diagnostics(
         self,

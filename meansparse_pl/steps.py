@@ -35,6 +35,7 @@ from meansparse_pl.ops import alphas_of, operators, require_operators, set_alpha
 from meansparse_pl.placement import get_preset
 from meansparse_pl.report import COMPOSITE_ATTACKS
 from meansparse_pl.robustbench import load_robustbench_weights
+from meansparse_pl.robustness import Setting, model_setting
 
 
 def _as(cls: type, value: Any) -> Any:
@@ -206,14 +207,11 @@ def load_trained_weights(module: pl.LightningModule, checkpoint: str, *, from_ne
     load_weights(module.model, checkpoint, hint="check model.backbone / backbone_kwargs or --network.")
 
 
-def evaluated_variants(
-    sparse: nn.Module, alpha: float | None, compare_base: bool
-) -> tuple[float | tuple[float, ...], list[tuple[str, float | tuple[float, ...]]]]:
-    """The MeanSparse setting of ``evaluate`` / ``diagnose`` (``alpha``, else the checkpoint's one shared alpha or
-    one per operator) and the variants to run: it, and the base model (alpha 0) unless that is the same."""
-    own = alphas_of(sparse)
-    setting: float | tuple[float, ...] = (
-        check_alpha(alpha) if alpha is not None else (own[0] if len(set(own)) == 1 else tuple(own))
-    )
-    same_as_base = not isinstance(setting, tuple) and setting == 0
-    return setting, [("meansparse", setting)] + ([("base", 0.0)] if compare_base and not same_as_base else [])
+def evaluated_variants(sparse: nn.Module, alpha: float | None, compare_base: bool) -> dict[str, Setting]:
+    """The variants ``evaluate`` / ``diagnose`` run: the MeanSparse setting (``alpha``, else the checkpoint's own)
+    and, with ``compare_base``, the base model (alpha 0) unless that is the same."""
+    setting = check_alpha(alpha) if alpha is not None else model_setting(sparse)
+    variants: dict[str, Setting] = {"meansparse": setting}
+    if compare_base and (isinstance(setting, tuple) or setting != 0):
+        variants["base"] = 0.0
+    return variants

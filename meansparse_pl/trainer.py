@@ -424,10 +424,10 @@ class MeanSparseTrainer(LightningSubcommands):
         ``compare_base``, alpha 0) and the samples of ``split``, checked against the model."""
         get = options.get
         sparse = self._calibrated_model(get("checkpoint"), get("network"), get("model"))
-        _, variants = evaluated_variants(sparse, get("alpha"), get("compare_base"))
+        variants = evaluated_variants(sparse, get("alpha"), get("compare_base"))
         dataset = split_samples(get("datamodule"), get("split"), get("limit_samples"))
         check_data_fits(sparse, dataset, get("datamodule"), get("checkpoint"))
-        return sparse, dict(variants), dataset
+        return sparse, variants, dataset
 
     def _calibrated_model(
         self, checkpoint: str, network: nn.Module | None, model: pl.LightningModule
