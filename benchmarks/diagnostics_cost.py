@@ -27,11 +27,10 @@ from common import describe_machine, interleaved, machine, summarize, table, wri
 
 from meansparse_pl import AttackConfig, ThreatModel, alphas_of, diagnose, load_checkpoint
 from meansparse_pl.config import DiagnosticsConfig
-from meansparse_pl.data import FashionMNISTDataModule
+from meansparse_pl.data import FashionMNISTDataModule, split_samples
 from meansparse_pl.evaluation import run_tasks
 from meansparse_pl.report import atomic_attacks
-from meansparse_pl.robustness import RobustnessEvaluation, task_key
-from meansparse_pl.steps import evaluated_variants, split_samples
+from meansparse_pl.robustness import RobustnessEvaluation, evaluated_variants, task_key
 from meansparse_pl.trainer import EVALUATE_ATTACKS
 
 

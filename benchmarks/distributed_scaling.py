@@ -78,10 +78,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for repeat in range(args.repeats):
             for n in args.devices if repeat % 2 == 0 else list(reversed(args.devices)):
-                output = Path(tmp) / f"sparse_{n}.pt"
+                output = Path(tmp) / f"sparse_{n}" / "meansparse.pt"
                 wall = run(
-                    [python, "cli.py", "postprocess", "--config", args.config, f"--checkpoint={args.checkpoint}",
-                     f"--output={output}", *trainer_args(args.accelerator, n)]
+                    [python, "cli.py", "postprocess", "--config", args.config, f"--weights={args.checkpoint}",
+                     f"--output_dir={output.parent}", *trainer_args(args.accelerator, n)]
                 )  # fmt: skip
                 payload = safe_load(output)
                 summary = payload["metadata"]["calibration"]

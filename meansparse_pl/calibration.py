@@ -436,3 +436,13 @@ class CalibrationModule(pl.LightningModule):
         if path is not None:
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
+
+
+def check_data_fits(model: nn.Module, dataset: Any, datamodule: Any, checkpoint: str | os.PathLike) -> None:
+    """One error naming both shapes when the data's images are not of the shape the operators were placed for
+    (a 1-channel checkpoint and CIFAR data, say), instead of a convolution's traceback."""
+    if len(dataset) == 0:
+        return
+    image = dataset[0][0]
+    where = f"the data module {type(datamodule).__name__} and the checkpoint {checkpoint} do not fit"
+    check_input_shape(expected_input_shape(model), image[None], where)

@@ -3,7 +3,7 @@ then choose its alpha on the held-out split.
 
 Like Lightning's ``ModelPruning``, it is configured only by constructor arguments (validated there, so
 LightningCLI reports a bad value before training starts) and hooks one fit boundary. ``on_fit_end`` is four
-public steps, each usable without a Trainer and each overridable: :meth:`~MeanSparseCallback.load_weights`
+public steps, each usable without a Trainer and each overridable: :meth:`~MeanSparseCallback.load_best_checkpoint`
 (the paper keeps the epoch with the best PGD validation accuracy), :meth:`~MeanSparseCallback.sparsify`,
 :meth:`~MeanSparseCallback.calibrate` (one pass over the training split) and :meth:`~MeanSparseCallback.save`.
 
@@ -179,22 +179,9 @@ class MeanSparseCallback(pl.Callback):
         if self.use_best_checkpoint:
             best = getattr(trainer.checkpoint_callback, "best_model_path", "")
             if best:
-                self.load_weights(pl_module, best)
+                self.load_best_checkpoint(pl_module, best)
         loader = self.calibration_loader(trainer)
-        network = self.network_of(pl_module)
-        if operators(network):
-            # fine-tuned with its operators: same sites, statistics of the new weights (the BatchNorm running
-            # statistics were kept up to date by training, on the same adversarial batches as the control's)
-            sparse = network
-            rank_zero_info(
-                f"MeanSparse: the model was trained with {len(operators(sparse))} operators; recalibrating their "
-                "statistics on the fine-tuned weights"
-            )
-        else:
-            sparse = self.sparsify(network, loader)
-            self.set_network(pl_module, sparse)
-            # Lightning checkpoints of this run (written before the operators existed) still load into it
-            keep_operator_state_on_load(pl_module)
+        sparse = self.operators_of(pl_module, loader)
         progress = trainer.is_global_zero and trainer.progress_bar_callback is not None
         summary = self.calibrate(sparse, loader, progress=progress, distributed=trainer.world_size > 1)
         if self.alpha is not None:
@@ -217,7 +204,25 @@ class MeanSparseCallback(pl.Callback):
         self.saved_path = path
 
     # ------------------------------------------------------------------------------- the steps, public
-    def load_weights(self, pl_module: pl.LightningModule, path: str | os.PathLike) -> None:
+    def operators_of(self, pl_module: pl.LightningModule, loader: DataLoader) -> nn.Module:
+        """The module's network with its operators: the ones it was fine-tuned with (their statistics are then
+        recollected for the new weights), else new ones placed by :meth:`sparsify` and set into the module."""
+        network = self.network_of(pl_module)
+        if operators(network):
+            # fine-tuned with its operators: same sites, statistics of the new weights (the BatchNorm running
+            # statistics were kept up to date by training, on the same adversarial batches as the control's)
+            rank_zero_info(
+                f"MeanSparse: the model was trained with {len(operators(network))} operators; recalibrating their "
+                "statistics on the fine-tuned weights"
+            )
+            return network
+        sparse = self.sparsify(network, loader)
+        self.set_network(pl_module, sparse)
+        # Lightning checkpoints of this run (written before the operators existed) still load into it
+        keep_operator_state_on_load(pl_module)
+        return sparse
+
+    def load_best_checkpoint(self, pl_module: pl.LightningModule, path: str | os.PathLike) -> None:
         """Load a Lightning checkpoint's weights into ``pl_module`` (safely: weights only)."""
         pl_module.load_state_dict(safe_load(path, map_location=pl_module.device)["state_dict"])
         rank_zero_info(f"MeanSparse: using the best checkpoint {path}")

@@ -9,6 +9,7 @@ file that needs it is refused. Lightning checkpoints written by ``Trainer.save_c
 
 from __future__ import annotations
 
+import copy
 import os
 from pathlib import Path
 from typing import Any
@@ -18,9 +19,16 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from meansparse_pl.architecture import build_registry_model, check_architecture, network_options
-from meansparse_pl.errors import RECREATE_FILE, CheckpointError, MeanSparseError, StatisticsError
+from meansparse_pl.config import ComparedModel
+from meansparse_pl.errors import (
+    RECREATE_FILE,
+    CheckpointError,
+    ConfigurationError,
+    MeanSparseError,
+    StatisticsError,
+)
 from meansparse_pl.io import atomic_torch_save, file_version, load_error_detail, safe_load
-from meansparse_pl.ops import MeanSparse, operators
+from meansparse_pl.ops import MeanSparse, operators, require_operators, set_alpha
 from meansparse_pl.placement import Placement, placement_of, sparsify_like
 
 FORMAT = "meansparse_pl.checkpoint/1"
@@ -243,6 +251,45 @@ def load_model_or_weights(
         raise CheckpointError(f"{path} holds plain weights; pass the network to load them into.")
     _load_state(target, model_state(payload, path), path, "is it the right architecture?")
     return target
+
+
+def load_calibrated(
+    path: str | os.PathLike, model: nn.Module | None = None, *, fallback_model: nn.Module | None = None
+) -> nn.Module:
+    """The sparsified model of ``path`` as :func:`load_checkpoint` rebuilds it, refused with one line when an
+    operator carries no statistics (the file of ``alpha_search``, ``evaluate`` and ``diagnose``)."""
+    sparse = load_checkpoint(path, model, fallback_model=fallback_model)
+    if not all(op.is_calibrated for op in require_operators(sparse)):
+        raise CheckpointError(
+            f"{path} has uncalibrated MeanSparse operators; run `cli.py postprocess` on it first."
+        )
+    return sparse
+
+
+def load_compared(entry: ComparedModel, network: nn.Module | None, fallback: nn.Module | None) -> nn.Module:
+    """One model of ``compare``: a MeanSparse checkpoint (its operators calibrated; on a fresh copy of ``network``,
+    else on the architecture it records, else on a copy of the model section's network) or plain trained weights
+    (on a copy of ``network`` or of the model section's network), with ``entry.alpha`` set when given."""
+    if network is None and fallback is None:
+        raise ConfigurationError(
+            f"{entry.label}: no network to load {entry.checkpoint} into; give --network."
+        )
+    loaded = load_model_or_weights(
+        entry.checkpoint, copy.deepcopy(network), fallback_model=copy.deepcopy(fallback)
+    )
+    if operators(loaded) and not all(op.is_calibrated for op in operators(loaded)):
+        raise CheckpointError(
+            f"{entry.checkpoint} has uncalibrated MeanSparse operators; run `cli.py postprocess` on it first."
+        )
+    if entry.alpha is not None:
+        if operators(loaded):
+            set_alpha(loaded, entry.alpha)
+        elif entry.alpha != 0:
+            raise ConfigurationError(
+                f"{entry.label}: alpha {entry.alpha:g} given, but {entry.checkpoint} has no MeanSparse operators; "
+                "give a MeanSparse checkpoint or leave alpha out."
+            )
+    return loaded
 
 
 def _operator_paths(model: nn.Module) -> list[str]:

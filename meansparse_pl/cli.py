@@ -26,6 +26,7 @@ import logging
 import re
 import signal
 import sys
+import textwrap
 from typing import Any, NoReturn
 
 from jsonargparse import DefaultHelpFormatter
@@ -38,15 +39,40 @@ from meansparse_pl.determinism import float32_reference_math
 from meansparse_pl.errors import Interrupted, MeanSparseError
 from meansparse_pl.lightning_runs import check_lightning_checkpoint
 from meansparse_pl.module import AdversarialClassifier
-from meansparse_pl.steps import check_options
+from meansparse_pl.options import check_options
 from meansparse_pl.trainer import MeanSparseTrainer
 
 EXIT_USER_ERROR = 2
 LONG_SUBCLASS_LIST = 8  # more known subclasses than this are summarised in --help
 
 
+ABBREVIATIONS = ("e.g.", "i.e.", "etc.", "al.", "vs.", "cf.", "Fig.", "Eq.")
+
+
+def first_sentence(text: str) -> str:
+    """``text`` up to its first full stop that ends a sentence: not an abbreviation's (e.g., et al.) and not one
+    inside parentheses."""
+    depth = 0
+    for position, char in enumerate(text):
+        depth += {"(": 1, ")": -1}.get(char, 0)
+        end = position + 1
+        if char != "." or depth > 0 or (end < len(text) and not text[end].isspace()):
+            continue
+        if not text[:end].endswith(ABBREVIATIONS):
+            return text[:end]
+    return text
+
+
+#: the titles of the option groups every subcommand has (the others are the Args lines of their config objects)
+GROUP_TITLES = {
+    "trainer": "Lightning's Trainer (--trainer.*): devices, strategy, precision, loggers, callbacks",
+    "model": "The model (--model.*): AdversarialClassifier's network and how it is trained",
+    "data": "The data (--data.*): a LightningDataModule given by class_path and init_args",
+}
+
+
 class HelpFormatter(DefaultHelpFormatter):
-    """Compact help: one line per option, its description's first sentence and its default, so that ``--help``
+    """Compact help: per option its description's first sentence and its default, on whole lines, so that ``--help``
     of a subcommand fits on a few screens. An option typed by a broad base class (``--network: nn.Module``,
     ``--trainer.callbacks``) is described by its class-path syntax instead of a list of every subclass imported.
     ``--print_config`` shows every value in full."""
@@ -71,17 +97,26 @@ class HelpFormatter(DefaultHelpFormatter):
             text, _, details = text[1:].rpartition("(") if text.startswith("(") else text.rpartition(" (")
             defaults = re.findall(r"default: ([^,)]*(?:\)[^,)]*)?)", details)
             details = f"(default: {defaults[0]})" if defaults else ""
-        # the first sentence: up to a full stop that does not end an abbreviation
-        first = re.split(r"(?<!e\.g\.)(?<!i\.e\.)(?<!etc\.)(?<=\.)\s", text, maxsplit=1)[0]
-        return " ".join(part for part in (first, details) if part)
+        return " ".join(part for part in (first_sentence(text), details) if part)
 
     def _split_lines(self, text: str, width: int) -> list[str]:
-        return [text if len(text) <= width else text[: max(width - 3, 1)] + "..."]
+        # whole words on as many lines as the sentence needs: nothing of an option's help is cut off
+        return textwrap.wrap(text, max(width, 20)) or [""]
 
 
 class OneLineErrorParser(LightningArgumentParser):
     """A parsing error is a short usage line and one ``error:`` line (jsonargparse's own prints the whole usage,
     some 50 lines, and a message over several lines, so the last line is not the error)."""
+
+    def format_help(self) -> str:
+        """Group titles that are sentences of ours: the Trainer's, the model's and the data's instead of their
+        classes' docstring fragments, the subcommand's own options under its name, each title on one line."""
+        for key, group in (self.groups or {}).items():
+            title = GROUP_TITLES.get(key) or (
+                f"Options of {key}" if key in MeanSparseCLI.subcommands() else group.title
+            )
+            group.title = " ".join((title or key).split())
+        return super().format_help()
 
     def error(self, message: str, ex: Exception | None = None) -> NoReturn:
         if not self.exit_on_error:

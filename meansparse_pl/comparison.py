@@ -24,16 +24,16 @@ from torch.utils.data import Dataset
 
 from meansparse_pl.attacks import (
     PerSample,
+    column_verdicts,
     decode_verdicts,
     encode_verdicts,
     paired_gap,
-    worst_case,
 )
 from meansparse_pl.config import AttackConfig, DiagnosticsConfig, ThreatModel
 from meansparse_pl.diagnostics import Diagnostics, diagnose
 from meansparse_pl.errors import ConfigurationError
-from meansparse_pl.evaluation import accuracy, run_tasks
-from meansparse_pl.report import COMPOSITE_ATTACKS
+from meansparse_pl.evaluation import accuracy
+from meansparse_pl.ops import alphas_of, operators
 from meansparse_pl.robustness import RobustnessEvaluation
 
 if TYPE_CHECKING:
@@ -79,12 +79,7 @@ class ModelComparison:
 
     def verdicts(self, label: str, column: str) -> PerSample:
         """Per-sample verdicts of one column: an attack, a composite (its parts ANDed) or ``best_known``."""
-        columns = self.per_sample[label]
-        if column == "best_known":
-            return worst_case(columns)
-        if column in COMPOSITE_ATTACKS:
-            return worst_case([columns[part] for part in COMPOSITE_ATTACKS[column]])
-        return columns[column]
+        return column_verdicts(self.per_sample[label], column)
 
     def accuracy(self, label: str, column: str) -> float:
         return accuracy(self.verdicts(label, column))
@@ -243,8 +238,9 @@ class ModelComparison:
             figure.tight_layout()
         return figure  # type: ignore[return-value]
 
-    def metrics(self) -> dict[str, float]:
-        """Every number under a flat name: ``compare/<model>/<column>`` and ``compare/<model>/vs_control/...``."""
+    def metrics(self) -> list[dict[str, float]]:
+        """Every number under a flat name, as one logger row: ``compare/<model>/<column>`` and
+        ``compare/<model>/vs_control/...``."""
         out: dict[str, float] = {}
         for lab in self.labels:
             for column in self._columns():
@@ -256,7 +252,7 @@ class ModelComparison:
                     out[f"compare/{lab}/vs_control/{column}_se"] = error
         if self.diagnostics is not None:
             out.update(self.diagnostics.metrics("compare"))
-        return out
+        return [out]
 
     def to_json(self) -> dict[str, Any]:
         diagnostics = self.diagnostics.report_fields() if self.diagnostics is not None else {}
@@ -333,22 +329,10 @@ def compare_models(
     per_sample: dict[str, dict[str, PerSample]] = {}
     seconds: dict[str, float] = {}
     for label, model in models.items():
-        state = None
-        if state_dir is not None:
-            state = os.path.join(
-                state_dir, f"compare-{hashlib.sha256(label.encode()).hexdigest()[:12]}.state"
-            )
         started = time.perf_counter()
-        verdicts = run_tasks(
-            model,
-            dataset,
-            evaluation.tasks([(label, None)]),  # alpha as the model has it
-            batch_size=batch_size,
-            seed=seed,
-            state_path=state,
-            trainer=trainer,
-            distributed=distributed,
-        )
+        state = None if state_dir is None else os.path.join(state_dir, _state_name(label))
+        where = {"trainer": trainer, "state_path": state, "distributed": distributed}
+        verdicts = evaluation.attack(model, dataset, [(label, None)], **where)  # alpha as the model has it
         per_sample[label] = evaluation.columns(verdicts, label)
         seconds[label] = round(time.perf_counter() - started, 1)
     found = None
@@ -365,6 +349,21 @@ def compare_models(
         seconds=seconds,
         diagnostics=found,
     )
+
+
+def operator_setting(model: nn.Module) -> str:
+    """How a compared model's operators are set, for the report's column heads."""
+    if not operators(model):
+        return "no operators"
+    values = alphas_of(model)
+    if len(set(values)) > 1:
+        return "alpha per operator"
+    return f"alpha {values[0]:g}"
+
+
+def _state_name(label: str) -> str:
+    """A compared model's resume-state file name (its label hashed: any label is a safe file name)."""
+    return f"compare-{hashlib.sha256(label.encode()).hexdigest()[:12]}.state"
 
 
 def diagnose_models(

@@ -19,7 +19,7 @@ import os
 import signal
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
@@ -28,6 +28,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from torchmetrics import CatMetric
+from tqdm.auto import tqdm
 
 from meansparse_pl import preemption
 from meansparse_pl.attacks import run_attack
@@ -190,7 +191,7 @@ class EvaluationModule(pl.LightningModule):
         # verdicts are kept as Python lists on the host: the bookkeeping (cascade survivors, resume state,
         # progress lines) never reads a device tensor; each attack costs one copy of its verdicts
         batch_verdicts: dict[str, list[bool]] = {}
-        for task in self.tasks:
+        for task in self._with_progress(batch_idx):
             if self.state.done(task.key, index_list):
                 correct = [self.state.results[task.key][i] for i in index_list]
             else:
@@ -210,6 +211,14 @@ class EvaluationModule(pl.LightningModule):
                 )
                 self._stop_if_requested()
             batch_verdicts[task.key] = correct
+
+    def _with_progress(self, batch_idx: int) -> Iterable[EvaluationTask]:
+        """The tasks of one batch, with a bar that moves per attack under the Trainer's batch bar (one batch can
+        hold an hour of AutoAttack on a CPU); none where the Trainer shows no progress bar, or off rank 0."""
+        shown = self.rank == 0 and self.trainer.progress_bar_callback is not None
+        return tqdm(
+            self.tasks, desc=f"batch {batch_idx + 1}: attacks", unit="attack", leave=False, disable=not shown
+        )
 
     def _attack(
         self,
@@ -317,23 +326,8 @@ def run_tasks(
     any number of processes, and every process gets all of them. Restores the model's alpha and train/eval
     mode afterwards.
     """
-    if trainer is not None and trainer.world_size > 1:
-        world_size, rank, sync = trainer.world_size, trainer.global_rank, True
-    else:
-        sync = merge_across_processes(distributed) if trainer is None else bool(distributed)
-        world_size, rank = process_group_size_and_rank() if sync else (1, 0)
-    if trainer is None:
-        trainer = single_device_trainer(model, progress=rank == 0)
-    if getattr(trainer.predict_loop, "inference_mode", False):
-        raise ConfigurationError("evaluation needs gradients: build the Trainer with inference_mode=False.")
-    limit = trainer.limit_predict_batches  # an int counts batches, a float is a fraction
-    if limit is not None and not (isinstance(limit, float) and limit == 1.0):
-        raise ConfigurationError(
-            f"trainer.limit_predict_batches is {trainer.limit_predict_batches}, so only part of the samples would "
-            "be evaluated; leave it at 1.0 and choose the samples with limit_samples instead."
-        )
-    if len(dataset) == 0:  # type: ignore[arg-type]
-        raise ConfigurationError("the evaluation data set is empty.")
+    trainer, world_size, rank, sync = _where_to_run(model, trainer, distributed)
+    _check_runnable(trainer, dataset)
     fingerprint = fingerprint_of(model, tasks, dataset, seed, str(trainer.precision))
     ResumeState(state_path, fingerprint, rank)  # another run's state is refused before anything runs
     module = EvaluationModule(
@@ -357,7 +351,40 @@ def run_tasks(
                 "settings; nothing was attacked again (delete the state file to recompute)"
             )
         module.state.save(finished=True)
-    expected = len(dataset)  # type: ignore[arg-type]
+    _check_complete(results, len(dataset))  # type: ignore[arg-type]
+    return results
+
+
+def _where_to_run(
+    model: nn.Module, trainer: pl.Trainer | None, distributed: bool | None
+) -> tuple[pl.Trainer, int, int, bool]:
+    """The Trainer that runs the evaluation, the number of processes, this one's rank, and whether the verdicts
+    are merged across processes (see :func:`run_tasks`)."""
+    if trainer is not None and trainer.world_size > 1:
+        return trainer, trainer.world_size, trainer.global_rank, True
+    sync = merge_across_processes(distributed) if trainer is None else bool(distributed)
+    world_size, rank = process_group_size_and_rank() if sync else (1, 0)
+    if trainer is None:
+        trainer = single_device_trainer(model, progress=rank == 0)
+    return trainer, world_size, rank, sync
+
+
+def _check_runnable(trainer: pl.Trainer, dataset: Dataset) -> None:
+    """One line for a Trainer that cannot give input gradients or would evaluate part of the samples, or for no
+    samples at all."""
+    if getattr(trainer.predict_loop, "inference_mode", False):
+        raise ConfigurationError("evaluation needs gradients: build the Trainer with inference_mode=False.")
+    limit = trainer.limit_predict_batches  # an int counts batches, a float is a fraction
+    if limit is not None and not (isinstance(limit, float) and limit == 1.0):
+        raise ConfigurationError(
+            f"trainer.limit_predict_batches is {trainer.limit_predict_batches}, so only part of the samples would "
+            "be evaluated; leave it at 1.0 and choose the samples with limit_samples instead."
+        )
+    if len(dataset) == 0:  # type: ignore[arg-type]
+        raise ConfigurationError("the evaluation data set is empty.")
+
+
+def _check_complete(results: dict[str, dict[int, bool]], expected: int) -> None:
     for key, per_sample in results.items():
         if len(per_sample) != expected:
             raise ConfigurationError(
@@ -365,7 +392,6 @@ def run_tasks(
                 "limit_predict_batches cuts the evaluation short. Leave it at 1.0 and choose the samples with "
                 "limit_samples instead."
             )
-    return results
 
 
 def accuracy(per_sample: dict[int, bool]) -> float:

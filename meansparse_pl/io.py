@@ -13,7 +13,7 @@ import tempfile
 import zipfile
 from collections.abc import Callable, Collection, Iterator, Mapping
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Protocol, runtime_checkable
 
 import torch
 
@@ -98,6 +98,31 @@ def remove_leftover_temporaries(folder: str | os.PathLike, name: str | None = No
             leftover.unlink()
             removed.append(leftover)
     return removed
+
+
+@runtime_checkable
+class Result(Protocol):
+    """What every result of the package provides (:class:`~meansparse_pl.report.RobustnessReport`,
+    :class:`~meansparse_pl.comparison.ModelComparison`, :class:`~meansparse_pl.alpha_search.AlphaSearchResult`):
+    a Markdown table, a JSON form that reads back, a plot (``ax`` given: drawn there; else a standalone
+    ``Figure``; pyplot never touched) and the numbers as logger rows (one row per step)."""
+
+    def table(self) -> str: ...
+
+    def to_json(self) -> dict[str, Any]: ...
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Any: ...
+
+    def plot(self, ax: Any = None) -> Any: ...
+
+    def metrics(self) -> list[dict[str, float]]: ...
+
+
+def write_result(folder: str | os.PathLike, stem: str, result: Result) -> list[Path]:
+    """A result's ``<stem>.md`` / ``.json`` / ``.png`` in ``folder``, written as one: the one writer of every
+    subcommand and callback."""
+    return write_report(folder, stem, result, result.plot())
 
 
 def write_report(folder: str | os.PathLike, stem: str, result: Any, figure: Any | None = None) -> list[Path]:

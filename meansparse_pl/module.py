@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -30,10 +30,11 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
+from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
 from meansparse_pl.attacks import pgd_perturb, trades_loss
-from meansparse_pl.checkpoint import load_model_or_weights, placement_record, rebuild_operators
+from meansparse_pl.checkpoint import load_model_or_weights, load_weights, placement_record, rebuild_operators
 from meansparse_pl.config import (
     ThreatModel,
     check_alpha,
@@ -46,6 +47,7 @@ from meansparse_pl.inputs import check_images, check_labels
 from meansparse_pl.models import create_model
 from meansparse_pl.modes import eval_mode
 from meansparse_pl.ops import BackwardMode, backward_mode, check_backward_mode, operators, set_alpha
+from meansparse_pl.robustbench import load_robustbench_weights
 
 Objective = Literal["standard", "pgd", "trades"]
 OBJECTIVES: tuple[str, ...] = ("standard", "pgd", "trades")
@@ -79,6 +81,83 @@ def _plain_normalization(normalization: Any, in_channels: int) -> Normalization 
             f"normalization std must be finite and > 0 and mean finite, got {normalization!r}."
         )
     return mean, std
+
+
+def checked_hyperparameters(hparams: Mapping[str, Any]) -> dict[str, Any]:
+    """:class:`AdversarialClassifier`'s arguments checked (one line naming the problem and the fix) and turned
+    into plain Python types; the threat model is checked by :class:`ThreatModel` itself."""
+    get = hparams.get
+    check_choice("objective", get("objective"), OBJECTIVES)
+    check_choice("optimizer", get("optimizer"), OPTIMIZERS)
+    num_classes = check_positive_int("num_classes", get("num_classes"), "e.g. 10 for CIFAR-10")
+    if num_classes < 2:
+        raise ConfigurationError(f"num_classes must be >= 2, got {num_classes}.")
+    in_channels = check_positive_int("in_channels", get("in_channels"), "3 for RGB, 1 for grey images")
+    # Checked for every objective: validation always runs PGD, even for standard training.
+    threat = ThreatModel(get("norm"), get("eps"))
+    checked = {
+        "backbone": str(get("backbone")),
+        "num_classes": num_classes,
+        "in_channels": in_channels,
+        "norm": threat.norm,
+        "eps": threat.eps,
+        "step_size": float(
+            check_number("step_size", get("step_size"), minimum=0.0, strict=True, hint="paper: 0.0078")
+        ),
+        "attack_steps": check_positive_int("attack_steps", get("attack_steps"), "paper: 10 (PGD-10)"),
+        "val_attack_steps": check_positive_int(
+            "val_attack_steps", get("val_attack_steps"), "e.g. 10 (PGD-10)"
+        ),
+        "random_start": bool(get("random_start")),
+        "trades_beta": check_number("trades_beta", get("trades_beta"), minimum=0.0, hint="paper A.5: 0.6"),
+    }
+    backbone_kwargs = get("backbone_kwargs")
+    if backbone_kwargs is not None and not isinstance(backbone_kwargs, dict):
+        raise ConfigurationError(f"backbone_kwargs must be a mapping, got {backbone_kwargs!r}.")
+    return {
+        **checked,
+        **_checked_optimisation(get),
+        **_checked_start(get),
+        "backbone_kwargs": dict(backbone_kwargs or {}),
+        "normalization": _plain_normalization(get("normalization"), in_channels),
+    }
+
+
+def _checked_optimisation(get: Callable[[str], Any]) -> dict[str, Any]:
+    """The optimiser's and the learning-rate schedule's arguments, checked."""
+    milestones = [
+        check_positive_int("lr_milestones entry", m, "epochs, e.g. [100, 150]") for m in get("lr_milestones")
+    ]
+    if milestones != sorted(set(milestones)):
+        raise ConfigurationError(
+            f"lr_milestones must be strictly increasing epochs, got {list(get('lr_milestones'))}."
+        )
+    return {
+        "lr": check_number("lr", get("lr"), minimum=0.0, strict=True, hint="paper: 0.1 with SGD"),
+        "momentum": check_number("momentum", get("momentum"), minimum=0.0, hint="paper: 0.9"),
+        "weight_decay": check_number("weight_decay", get("weight_decay"), minimum=0.0, hint="paper: 5e-4"),
+        "lr_milestones": tuple(milestones),
+        "lr_gamma": check_number("lr_gamma", get("lr_gamma"), minimum=0.0, strict=True, hint="paper: 0.1"),
+    }
+
+
+def _checked_start(get: Callable[[str], Any]) -> dict[str, Any]:
+    """Fine-tuning's arguments (the checkpoint to start from, its operators' alpha and backward), checked."""
+    check_backward_mode(get("operator_backward"))
+    init_checkpoint, operator_alpha = get("init_checkpoint"), get("operator_alpha")
+    if operator_alpha is not None:
+        operator_alpha = check_alpha(operator_alpha)
+    if init_checkpoint is not None and not isinstance(init_checkpoint, str | os.PathLike):
+        raise ConfigurationError(f"init_checkpoint must be a file path, got {init_checkpoint!r}.")
+    if operator_alpha is not None and init_checkpoint is None:
+        raise ConfigurationError(
+            "operator_alpha sets the alpha of the operators of init_checkpoint; give init_checkpoint (a "
+            "MeanSparse checkpoint) too, or leave operator_alpha out."
+        )
+    return {
+        "init_checkpoint": None if init_checkpoint is None else str(init_checkpoint),
+        "operator_alpha": operator_alpha,
+    }
 
 
 class AdversarialClassifier(pl.LightningModule):
@@ -159,69 +238,11 @@ class AdversarialClassifier(pl.LightningModule):
                 relaxation of the band) or exact.
         """
         super().__init__()
-        check_choice("objective", objective, OBJECTIVES)
-        check_choice("optimizer", optimizer, OPTIMIZERS)
-        num_classes = check_positive_int("num_classes", num_classes, "e.g. 10 for CIFAR-10")
-        if num_classes < 2:
-            raise ConfigurationError(f"num_classes must be >= 2, got {num_classes}.")
-        in_channels = check_positive_int("in_channels", in_channels, "3 for RGB, 1 for grey images")
-        # Checked for every objective: validation always runs PGD, even for standard training.
-        threat = ThreatModel(norm, eps)
-        step_size = check_number("step_size", step_size, minimum=0.0, strict=True, hint="paper: 0.0078")
-        attack_steps = check_positive_int("attack_steps", attack_steps, "paper: 10 (PGD-10)")
-        val_attack_steps = check_positive_int("val_attack_steps", val_attack_steps, "e.g. 10 (PGD-10)")
-        trades_beta = check_number("trades_beta", trades_beta, minimum=0.0, hint="paper A.5: 0.6")
-        lr = check_number("lr", lr, minimum=0.0, strict=True, hint="paper: 0.1 with SGD")
-        momentum = check_number("momentum", momentum, minimum=0.0, hint="paper: 0.9")
-        weight_decay = check_number("weight_decay", weight_decay, minimum=0.0, hint="paper: 5e-4")
-        lr_gamma = check_number("lr_gamma", lr_gamma, minimum=0.0, strict=True, hint="paper: 0.1")
-        milestones = [
-            check_positive_int("lr_milestones entry", m, "epochs, e.g. [100, 150]") for m in lr_milestones
-        ]
-        if milestones != sorted(set(milestones)):
-            raise ConfigurationError(
-                f"lr_milestones must be strictly increasing epochs, got {list(lr_milestones)}."
-            )
-        check_backward_mode(operator_backward)
-        if operator_alpha is not None:
-            operator_alpha = check_alpha(operator_alpha)
-        if init_checkpoint is not None and not isinstance(init_checkpoint, str | os.PathLike):
-            raise ConfigurationError(f"init_checkpoint must be a file path, got {init_checkpoint!r}.")
-        if operator_alpha is not None and init_checkpoint is None:
-            raise ConfigurationError(
-                "operator_alpha sets the alpha of the operators of init_checkpoint; give init_checkpoint (a "
-                "MeanSparse checkpoint) too, or leave operator_alpha out."
-            )
-        if backbone_kwargs is not None and not isinstance(backbone_kwargs, dict):
-            raise ConfigurationError(f"backbone_kwargs must be a mapping, got {backbone_kwargs!r}.")
-
-        # Hyper-parameters are stored as plain Python types so that checkpoints load with weights_only=True.
-        self.save_hyperparameters(
-            {
-                "backbone": str(backbone),
-                "backbone_kwargs": dict(backbone_kwargs or {}),
-                "num_classes": num_classes,
-                "in_channels": in_channels,
-                "normalization": _plain_normalization(normalization, in_channels),
-                "objective": objective,
-                "norm": threat.norm,
-                "eps": threat.eps,
-                "step_size": float(step_size),
-                "attack_steps": int(attack_steps),
-                "random_start": bool(random_start),
-                "trades_beta": trades_beta,
-                "val_attack_steps": val_attack_steps,
-                "optimizer": optimizer,
-                "lr": lr,
-                "momentum": momentum,
-                "weight_decay": weight_decay,
-                "lr_milestones": tuple(milestones),
-                "lr_gamma": lr_gamma,
-                "init_checkpoint": None if init_checkpoint is None else str(init_checkpoint),
-                "operator_alpha": operator_alpha,
-                "operator_backward": operator_backward,
-            }
-        )
+        # every argument above, by name; LightningCLI's instantiator and class path are left out, so a checkpoint
+        # names no import path for load_from_checkpoint to follow
+        self.save_hyperparameters(ignore=["_instantiator", "_class_path"])
+        # checked once, and stored as plain Python types so that checkpoints load with weights_only=True
+        self.hparams.update(checked_hyperparameters(self.hparams))
         self.started_from: str | None = None  # the init_checkpoint once loaded (never loaded twice)
 
         self.model: nn.Module | None = None
@@ -232,13 +253,17 @@ class AdversarialClassifier(pl.LightningModule):
             with torch.device("meta"):
                 self._build(None)
 
-        # One metric object per quantity and stage: Lightning calls compute() at epoch end, which reduces
-        # the counts over DDP processes (micro average = correct / total over the whole set).
-        self.train_acc = MulticlassAccuracy(num_classes, average="micro")
-        self.val_clean_acc = MulticlassAccuracy(num_classes, average="micro")
-        self.val_pgd_acc = MulticlassAccuracy(num_classes, average="micro")
-        self.test_clean_acc = MulticlassAccuracy(num_classes, average="micro")
-        self.test_pgd_acc = MulticlassAccuracy(num_classes, average="micro")
+        # One metric collection per stage: Lightning calls compute() at epoch end, which reduces the counts over
+        # DDP processes (micro average = correct / total over the whole set). Keys are the logged names.
+        def accuracy() -> MulticlassAccuracy:
+            return MulticlassAccuracy(self.hparams.num_classes, average="micro")
+
+        # (no compute groups: clean and PGD accuracy are updated with different inputs)
+        self.train_metrics = MetricCollection({"acc": accuracy()}, prefix="train/", compute_groups=False)
+        self.val_metrics = MetricCollection(
+            {"clean_acc": accuracy(), "pgd_acc": accuracy()}, prefix="val/", compute_groups=False
+        )
+        self.test_metrics = self.val_metrics.clone(prefix="test/")
 
     # ----------------------------------------------------------------------------------------- the network
     def _build(self, normalization: Normalization | None) -> nn.Module:
@@ -396,29 +421,25 @@ class AdversarialClassifier(pl.LightningModule):
         self._check_first_batch(batch, batch_idx, "training")
         x, y = batch
         loss, logits = self.training_loss(x, y)
-        self.train_acc(logits.detach(), y)
+        self.train_metrics(logits.detach(), y)
         self.log("train/loss", loss.detach(), on_step=True, on_epoch=True, prog_bar=True, batch_size=len(y))
-        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, batch_size=len(y))
+        self.log_dict(self.train_metrics, on_step=False, on_epoch=True, batch_size=len(y))
         return loss
 
-    def _evaluate(self, batch: tuple[Tensor, Tensor], stage: str) -> None:
+    def _evaluate(self, batch: tuple[Tensor, Tensor], stage: Literal["val", "test"]) -> None:
         x, y = batch
-        clean_metric = getattr(self, f"{stage}_clean_acc")
-        pgd_metric = getattr(self, f"{stage}_pgd_acc")
+        metrics = self.val_metrics if stage == "val" else self.test_metrics
         model = self._network()
         logits = model(x)
-        clean_metric(logits, y)
+        metrics["clean_acc"](logits, y)
         # pgd_perturb re-enables gradients itself, also under Lightning's no_grad / inference_mode.
         x_adv = self.attack(x, y, self.hparams.val_attack_steps)
         with torch.no_grad():
             adv_logits = model(x_adv)
-        pgd_metric(adv_logits, y)
+        metrics["pgd_acc"](adv_logits, y)
         n = len(y)
         self.log(f"{stage}/loss", F.cross_entropy(logits, y), on_epoch=True, sync_dist=True, batch_size=n)
-        self.log(
-            f"{stage}/clean_acc", clean_metric, on_step=False, on_epoch=True, prog_bar=True, batch_size=n
-        )
-        self.log(f"{stage}/pgd_acc", pgd_metric, on_step=False, on_epoch=True, prog_bar=True, batch_size=n)
+        self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=True, batch_size=n)
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         self._check_first_batch(batch, batch_idx, "validation")
@@ -442,3 +463,19 @@ class AdversarialClassifier(pl.LightningModule):
             opt, milestones=list(hp.lr_milestones), gamma=hp.lr_gamma
         )
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
+
+
+def load_trained_weights(module: pl.LightningModule, path: str | os.PathLike, *, from_network: bool) -> None:
+    """Trained weights into ``module.model`` (``postprocess``'s input): a RobustBench file (its own key
+    conventions) for a ``robustbench`` backbone, else a Lightning checkpoint or a plain state dict of the
+    network; ``from_network``: the network is a ``--network`` of its own, not the backbone."""
+    hparams: Any = getattr(module, "hparams", {})
+    if not from_network and hparams.get("backbone") == "robustbench":
+        options = hparams.get("backbone_kwargs") or {}
+        if "model_name" not in options:
+            raise ConfigurationError(
+                "backbone robustbench needs backbone_kwargs.model_name (a RobustBench name)."
+            )
+        load_robustbench_weights(module.model, path, options["model_name"], options.get("dataset", "cifar10"))
+        return
+    load_weights(module.model, path, hint="check model.backbone / backbone_kwargs or --network.")

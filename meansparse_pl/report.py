@@ -9,16 +9,23 @@ and the exact-gradient number is not a robustness claim.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from meansparse_pl.attacks import worst_case
+from meansparse_pl.attacks import (
+    BLACK_BOX_ATTACKS,
+    COMPOSITE_ATTACKS,
+    MASKING_WORDS,
+    WHITE_BOX_ATTACKS,
+    column_verdicts,
+)
 from meansparse_pl.diagnostics import Diagnostics
 from meansparse_pl.errors import ConfigurationError
 from meansparse_pl.evaluation import accuracy
@@ -26,25 +33,10 @@ from meansparse_pl.io import atomic_write
 from meansparse_pl.modes import eval_mode
 from meansparse_pl.ops import operators, set_alpha, temporary_alpha
 
-# attacks computed from others, per sample: name -> the attacks it ANDs
-COMPOSITE_ATTACKS: dict[str, tuple[str, ...]] = {"apgd-ce+dlr": ("apgd-ce", "apgd-dlr")}
-BLACK_BOX_ATTACKS = ("square",)
-WHITE_BOX_ATTACKS = (
-    "apgd-ce",
-    "apgd-dlr",
-    "apgd-t",
-    "pgd",
-    "autoattack",
-    "bpda-apgd-ce",
-    "surrogate-apgd-ce",
-    "adaptive",
-)
-# attacks that see past the operators' masked gradient, with the words a masking flag uses for each
-ADAPTIVE_ATTACKS = {
-    "bpda-apgd-ce": "BPDA-APGD-CE (straight-through backward)",
-    "surrogate-apgd-ce": "APGD-CE through the smooth surrogate backward",
-    "transfer-base": "APGD-CE transferred from the base model",
-}
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
 LARGE_EPS_CHANCE_MARGIN = 5.0  # points above zero accuracy still accepted at the "large" epsilon
 
 
@@ -95,7 +87,7 @@ class RobustnessReport:
                         f"FLAG {tag}: black-box {black} ({r.accuracy[black]:.2f}) beats every white-box attack "
                         f"({min(white):.2f}): gradient masking"
                     )
-            for adaptive, words in ADAPTIVE_ATTACKS.items():
+            for adaptive, words in MASKING_WORDS.items():
                 if adaptive in r.accuracy and "apgd-ce" in r.accuracy:
                     gap = r.accuracy["apgd-ce"] - r.accuracy[adaptive]
                     if gap > 1.0:
@@ -187,8 +179,66 @@ class RobustnessReport:
             data.update(self.diagnostics.report_fields())
         return data
 
-    def metrics(self) -> dict[str, float]:
-        """Every number of the report under a flat name, for a logger: ``evaluate/<model>/eps=<eps>/<attack>``
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> RobustnessReport:
+        """The report :meth:`to_json` wrote (its sanity checks are recomputed, not read)."""
+        results = [
+            VariantResult(
+                str(r["name"]),
+                None if r["alpha"] is None else float(r["alpha"]),
+                float(r["eps"]),
+                {attack: float(value) for attack, value in r["accuracy"].items()},
+            )
+            for r in data["results"]
+        ]
+        return cls(
+            norm=str(data["norm"]),
+            num_samples=int(data["num_samples"]),
+            attacks=list(data["attacks"]),
+            results=results,
+            large_eps_check={k: float(v) for k, v in (data.get("large_eps_accuracy") or {}).items()},
+            large_eps=None if data.get("large_eps") is None else float(data["large_eps"]),
+            operator_alphas=data.get("operator_alphas"),
+            cascade=data.get("cascade"),
+            diagnostics=Diagnostics.from_report(data),
+        )
+
+    def plot(self, ax: Axes | None = None) -> Figure:
+        """Accuracy per attack column and best known, one bar per model setting and radius, with error bars of
+        one binomial standard error (``sqrt(p (100 - p) / n)`` points). Draws into ``ax`` when given (its figure
+        is returned), else on a new standalone ``Figure``; pyplot is never touched."""
+        from matplotlib.figure import Figure
+
+        columns = [*self.attacks, "best_known"]
+        if ax is None:
+            fig = Figure(figsize=(7.5, 1.5 + 0.35 * len(columns) * max(len(self.results), 1)))
+            ax = fig.add_subplot()
+        else:
+            fig = ax.figure  # type: ignore[assignment]
+        height = 0.8 / max(len(self.results), 1)
+        for position, r in enumerate(self.results):
+            values = [r.accuracy.get(column, float("nan")) for column in columns]
+            errors = [math.sqrt(max(v * (100.0 - v), 0.0) / max(self.num_samples, 1)) for v in values]
+            rows = [i + position * height for i in range(len(columns))]
+            label = f"{r.name} (alpha={r.alpha_label}, eps={r.eps:g})"
+            ax.barh(rows, values, height=height, xerr=errors, capsize=2, label=label)
+        ax.set_yticks([i + 0.4 - height / 2 for i in range(len(columns))])
+        ax.set_yticklabels(
+            ["best known (worst case)" if c == "best_known" else c for c in columns], fontsize=8
+        )
+        ax.invert_yaxis()
+        ax.set_xlabel("accuracy (%)")
+        ax.set_title(
+            f"Robust accuracy per attack ({self.norm}, n={self.num_samples}); error bars: binomial SE",
+            fontsize=9,
+        )
+        ax.grid(axis="x", alpha=0.3)
+        ax.legend(fontsize=7, loc="best")
+        fig.tight_layout()
+        return fig  # type: ignore[return-value]
+
+    def metrics(self) -> list[dict[str, float]]:
+        """Every number of the report under a flat name, as one logger row: ``evaluate/<model>/eps=<eps>/<attack>``
         (``best_known`` among the attacks) and ``evaluate/<model>/large_eps``."""
         out = {
             f"evaluate/{r.name}/eps={r.eps:g}/{attack}": value
@@ -198,7 +248,7 @@ class RobustnessReport:
         out.update({f"evaluate/{name}/large_eps": value for name, value in self.large_eps_check.items()})
         if self.diagnostics is not None:
             out.update(self.diagnostics.metrics("evaluate"))
-        return out
+        return [out]
 
 
 def atomic_attacks(attacks: Sequence[str]) -> list[str]:
@@ -214,14 +264,8 @@ def atomic_attacks(attacks: Sequence[str]) -> list[str]:
 
 def summarise(per_sample: dict[str, dict[int, bool]], attacks: Sequence[str]) -> dict[str, float]:
     """Accuracy per attack (composites ANDed per sample) and the best-known worst case over all of them."""
-    out: dict[str, float] = {}
-    for attack in attacks:
-        if attack in COMPOSITE_ATTACKS:
-            out[attack] = accuracy(worst_case(per_sample[a] for a in COMPOSITE_ATTACKS[attack]))
-        else:
-            out[attack] = accuracy(per_sample[attack])
-    out["best_known"] = accuracy(worst_case(per_sample.values()))
-    return out
+    columns = [*attacks, "best_known"]
+    return {column: accuracy(column_verdicts(per_sample, column)) for column in columns}
 
 
 def plot_channel_histogram(

@@ -2,7 +2,7 @@
 
 ``robustbench.utils.load_model`` downloads missing files and reads them with ``torch.load`` in its unsafe
 (pickle-executing) mode. This adapter does neither: it builds the architecture from RobustBench's model-zoo
-entry (random weights; :mod:`meansparse_pl.models.robustbench`, registry name ``robustbench``), reads
+entry (random weights; :mod:`meansparse_pl.models.robustbench_zoo`, registry name ``robustbench``), reads
 ``<model_dir>/<dataset>/<threat_model>/<name>.pt`` with ``torch.load(weights_only=True)``, applies
 RobustBench's state-dict conventions itself, and loads the weights. A missing file is a
 :class:`~meansparse_pl.errors.DataNotFoundError` that says where the file must be and how to get it.
@@ -21,7 +21,7 @@ from torch import nn
 
 from meansparse_pl.errors import CheckpointError, DataNotFoundError
 from meansparse_pl.io import safe_load
-from meansparse_pl.models.robustbench import (
+from meansparse_pl.models.robustbench_zoo import (
     build_architecture,
     import_model_zoo,
     make_traceable,
@@ -36,7 +36,7 @@ __all__ = [
     "import_model_zoo",
     "load_model",
     "load_robustbench_weights",
-    "load_weights",
+    "load_robustbench_state",
     "make_traceable",
     "model_entry",
     "normalise_dataset",
@@ -109,7 +109,7 @@ def robustbench_state_dict(
     return dict(state)
 
 
-def load_weights(model: nn.Module, state: dict[str, torch.Tensor], path: str | os.PathLike) -> None:
+def load_robustbench_state(model: nn.Module, state: dict[str, torch.Tensor], path: str | os.PathLike) -> None:
     """``load_state_dict`` strictly, tolerating only what robustbench tolerates: missing input-normalisation
     buffers (``normalize.mean`` / ``std``, ``mu`` / ``sigma``) that live outside some checkpoints."""
     try:
@@ -148,7 +148,7 @@ def load_robustbench_weights(
 ) -> nn.Module:
     """Load a RobustBench checkpoint file into ``model`` (RobustBench's conventions, weights_only)."""
     payload = safe_load(path, map_location)
-    load_weights(model, robustbench_state_dict(payload, name, dataset, model), path)
+    load_robustbench_state(model, robustbench_state_dict(payload, name, dataset, model), path)
     return model
 
 

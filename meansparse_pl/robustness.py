@@ -16,12 +16,12 @@ import lightning.pytorch as pl
 from torch import nn
 from torch.utils.data import Dataset
 
-from meansparse_pl.attacks import PerSample, check_attack_config, options_for, worst_case
-from meansparse_pl.config import AttackConfig, DiagnosticsConfig, ThreatModel, check_distinct
+from meansparse_pl.attacks import COMPOSITE_ATTACKS, PerSample, check_attack_config, options_for, worst_case
+from meansparse_pl.config import AttackConfig, DiagnosticsConfig, ThreatModel, check_alpha, check_distinct
 from meansparse_pl.diagnostics import Diagnostics, diagnose
 from meansparse_pl.evaluation import EvaluationTask, run_tasks
 from meansparse_pl.ops import alphas_of
-from meansparse_pl.report import COMPOSITE_ATTACKS, RobustnessReport, VariantResult, atomic_attacks, summarise
+from meansparse_pl.report import RobustnessReport, VariantResult, atomic_attacks, summarise
 
 # the attacks of the large-eps check: exact and straight-through gradients must both reach about zero
 LARGE_EPS_ATTACKS = ("apgd-ce", "bpda-apgd-ce")
@@ -37,6 +37,16 @@ def model_setting(model: nn.Module) -> float | tuple[float, ...] | None:
     if not own:
         return None
     return own[0] if len(set(own)) == 1 else tuple(own)
+
+
+def evaluated_variants(model: nn.Module, alpha: float | None, compare_base: bool) -> dict[str, Setting]:
+    """The variants ``evaluate`` / ``diagnose`` run: the MeanSparse setting (``alpha``, else the model's own) and,
+    with ``compare_base``, the base model (alpha 0) unless that is the same."""
+    setting = check_alpha(alpha) if alpha is not None else model_setting(model)
+    variants: dict[str, Setting] = {"meansparse": setting}
+    if compare_base and (isinstance(setting, tuple) or setting != 0):
+        variants["base"] = 0.0
+    return variants
 
 
 def task_key(variant: str, eps: float | None, attack: str) -> str:
@@ -110,6 +120,30 @@ class RobustnessEvaluation:
         attacks = [*atomic_attacks(self.attacks.names), *self.attacks.cascade]
         return {a: per_sample[task_key(variant, eps, a)] for a in attacks}
 
+    def attack(
+        self,
+        model: nn.Module,
+        data: Dataset,
+        variants: Sequence[tuple[str, Setting]],
+        *,
+        trainer: pl.Trainer | None = None,
+        state_path: str | os.PathLike | None = None,
+        distributed: bool | None = None,
+    ) -> dict[str, PerSample]:
+        """Every task of :meth:`tasks` on every sample of ``data``: task key -> per-sample verdicts (read them by
+        variant and radius with :meth:`columns`). ``trainer`` / ``distributed`` / ``state_path`` as
+        :func:`~meansparse_pl.evaluation.run_tasks` takes them."""
+        return run_tasks(
+            model,
+            data,
+            self.tasks(variants),
+            batch_size=self.batch_size,
+            seed=self.seed,
+            state_path=state_path,
+            trainer=trainer,
+            distributed=distributed,
+        )
+
     def run(
         self,
         model: nn.Module,
@@ -128,22 +162,10 @@ class RobustnessEvaluation:
         pairs = [
             (v, model_setting(model) if s is None else s) for v, s in (variants or {"model": None}).items()
         ]
-        per_sample = run_tasks(
-            model,
-            data,
-            self.tasks(pairs),
-            batch_size=self.batch_size,
-            seed=self.seed,
-            state_path=state_path,
-            trainer=trainer,
-            distributed=distributed,
+        per_sample = self.attack(
+            model, data, pairs, trainer=trainer, state_path=state_path, distributed=distributed
         )
-        columns = [*atomic_attacks(self.attacks.names), *self.attacks.cascade]
-        blocks = {
-            (v, eps): {a: per_sample[task_key(v, eps, a)] for a in columns}
-            for v, _ in pairs
-            for eps in self.radii
-        }
+        blocks = {(v, eps): self.columns(per_sample, v, eps) for v, _ in pairs for eps in self.radii}
         results = [
             VariantResult(
                 v, None if isinstance(s, tuple) else s, eps, summarise(blocks[(v, eps)], self.attacks.names)

@@ -32,9 +32,9 @@ from meansparse_pl.alpha_search import (
     Selection,
 )
 from meansparse_pl.architecture import network_record
-from meansparse_pl.calibration import CalibrationModule, images_of
-from meansparse_pl.checkpoint import resave_checkpoint, save_checkpoint
-from meansparse_pl.comparison import compare_models
+from meansparse_pl.calibration import CalibrationModule, check_data_fits, images_of
+from meansparse_pl.checkpoint import load_calibrated, load_compared, resave_checkpoint, save_checkpoint
+from meansparse_pl.comparison import compare_models, operator_setting
 from meansparse_pl.config import (
     AttackConfig,
     ComparedModel,
@@ -42,7 +42,7 @@ from meansparse_pl.config import (
     PlacementConfig,
     ThreatModel,
 )
-from meansparse_pl.data import first_samples
+from meansparse_pl.data import first_samples, split_samples
 from meansparse_pl.diagnostics import diagnose
 from meansparse_pl.errors import ConfigurationError
 from meansparse_pl.io import (
@@ -50,25 +50,18 @@ from meansparse_pl.io import (
     file_version,
     output_lock,
     write_report,
+    write_result,
 )
 from meansparse_pl.lightning_runs import LightningSubcommands, log_rows
+from meansparse_pl.module import load_trained_weights
 from meansparse_pl.ops import set_alpha
+from meansparse_pl.options import renamed
 from meansparse_pl.placement import describe, sparsify
 from meansparse_pl.report import (
     channel_histogram,
 )
-from meansparse_pl.robustness import RobustnessEvaluation
+from meansparse_pl.robustness import RobustnessEvaluation, evaluated_variants
 from meansparse_pl.sharding import whole_batches_of
-from meansparse_pl.steps import (
-    calibrated_model,
-    check_data_fits,
-    check_options,
-    compared_model,
-    evaluated_variants,
-    load_trained_weights,
-    operator_setting,
-    split_samples,
-)
 
 # AutoAttack and the white-box columns, then the cheap adaptive attacks every best-known number includes
 EVALUATE_ATTACKS = (
@@ -91,60 +84,78 @@ class MeanSparseTrainer(LightningSubcommands):
         self,
         model: pl.LightningModule,
         datamodule: pl.LightningDataModule,
-        checkpoint: str | None = None,
+        weights: str | None = None,
         network: nn.Module | None = None,
-        output: str = "runs/meansparse.pt",
+        output_dir: str = "runs",
         alpha: float = 0.0,
         placement: PlacementConfig = PlacementConfig(),
         allow_untrained: bool = False,
+        checkpoint: str | None = None,
+        output: str | None = None,
     ) -> None:
         """Insert MeanSparse operators into a trained model and collect their statistics on the training split.
 
         Args:
-            checkpoint: Trained weights: a Lightning checkpoint of the model or a state dict of the network.
+            weights: Trained weights: a Lightning checkpoint of the model or a state dict of the network.
             network: Any nn.Module (class_path + init_args) to use instead of the model section's backbone.
-            output: Where to write the sparsified checkpoint.
+            output_dir: Where the MeanSparse checkpoint (meansparse.pt) goes.
             alpha: Alpha stored in the output (choose it with alpha_search; 0 = identical to the base model).
             placement: Where the operators go (include, exclude, sites, centre, preset, channel_dims,
                 fuse_activations, strategy, leaf_modules; see PlacementConfig).
-            allow_untrained: Sparsify the freshly initialised network when no checkpoint is given (for tests).
+            allow_untrained: Sparsify the freshly initialised network when no weights are given (for tests).
+            checkpoint: Old name of --weights (accepted until meansparse_pl 0.3).
+            output: Old way to name the output file instead of --output_dir (accepted until meansparse_pl 0.3).
         """
-        check_options("postprocess", locals())
+        weights = renamed("postprocess", "checkpoint", checkpoint, "weights", weights)
+        target = Path(
+            renamed("postprocess", "output", output, "output_dir", None) or Path(output_dir) / "meansparse.pt"
+        )
+        if not weights and not allow_untrained:
+            raise ConfigurationError(
+                "postprocess needs trained weights and got no --weights, so it would sparsify a randomly "
+                "initialised network; give --weights (a Lightning checkpoint or a state dict of the network), or "
+                "--allow_untrained true to sparsify the untrained network on purpose."
+            )
         self.with_network(model, network)
         if getattr(model, "model", None) is None:
             raise ConfigurationError("no network to post-process: configure model.backbone or --network.")
-        output_path = Path(output)
-        with self._holding(output_path.parent, f".{output_path.name}.lock"):
-            if checkpoint:
-                load_trained_weights(model, checkpoint, from_network=network is not None)
-            datamodule.setup("fit")
-            loader = datamodule.calibration_dataloader()
-            start = time.perf_counter()
-            sparse = sparsify(model.model, images_of(next(iter(loader)))[:1], placement)
-            calibration = CalibrationModule(sparse, state_path=f"{output}.statistics-state")
-            shard = whole_batches_of(loader, self.world_size, self.global_rank)
-            self.predict(calibration, dataloaders=shard, return_predictions=False)
-            calibration.finish_without_batches(self)
+        with self._holding(target.parent, f".{target.name}.lock"):
+            if weights:
+                load_trained_weights(model, weights, from_network=network is not None)
+            sparse, summary = self._sparsified_and_calibrated(model.model, datamodule, placement, str(target))
             set_alpha(sparse, alpha)
-            summary = {
-                "images": calibration.images,
-                "dtype": calibration.statistics_dtype,
-                "seconds": round(time.perf_counter() - start, 2),
-                "limit_predict_batches": self.limit_predict_batches,
-                "source_checkpoint": checkpoint,
-            }
             if self.is_global_zero:
+                summary["source_checkpoint"] = weights
+                metadata = {"calibration": summary}
                 save_checkpoint(
-                    sparse,
-                    output,
-                    architecture=self._architecture(model, network),
-                    metadata={"calibration": summary},
+                    sparse, target, architecture=self._architecture(model, network), metadata=metadata
                 )
                 rank_zero_info(
-                    f"{describe(sparse)}\n\nStatistics over {calibration.images} training images in "
-                    f"{summary['seconds']} s; wrote {output}"
+                    f"{describe(sparse)}\n\nStatistics over {summary['images']} training images in "
+                    f"{summary['seconds']} s; wrote {target}"
                 )
             self.strategy.barrier("postprocess_saved")
+
+    def _sparsified_and_calibrated(
+        self, network: nn.Module, datamodule: pl.LightningDataModule, placement: PlacementConfig, output: str
+    ) -> tuple[nn.Module, dict]:
+        """Operators placed by ``placement`` and their statistics over the calibration split, sharded over the
+        Trainer's processes (resumable from ``<output>.statistics-state``); with the calibration's summary."""
+        datamodule.setup("fit")
+        loader = datamodule.calibration_dataloader()
+        start = time.perf_counter()
+        sparse = sparsify(network, images_of(next(iter(loader)))[:1], placement)
+        calibration = CalibrationModule(sparse, state_path=f"{output}.statistics-state")
+        shard = whole_batches_of(loader, self.world_size, self.global_rank)
+        self.predict(calibration, dataloaders=shard, return_predictions=False)
+        calibration.finish_without_batches(self)
+        summary = {
+            "images": calibration.images,
+            "dtype": calibration.statistics_dtype,
+            "seconds": round(time.perf_counter() - start, 2),
+            "limit_predict_batches": self.limit_predict_batches,
+        }
+        return sparse, summary
 
     # ----------------------------------------------------------------------------------- alpha_search
     def alpha_search(
@@ -191,7 +202,6 @@ class MeanSparseTrainer(LightningSubcommands):
             resume: Continue an interrupted search from its state file.
             write_alpha: Store the chosen alpha (and the search result) in the checkpoint.
         """
-        check_options("alpha_search", locals())
         search = AlphaSearch.from_options(locals())
         out = Path(output_dir)
         source = Path(checkpoint)
@@ -255,7 +265,7 @@ class MeanSparseTrainer(LightningSubcommands):
             attacks: Attacks and their options; names: clean, autoattack, apgd-ce, apgd-dlr, apgd-ce+dlr,
                 apgd-t, fab-t, pgd, square, bpda-apgd-ce, adaptive.
             threat: Threat model: norm (Linf or L2) and eps in [0, 1] pixel units.
-            extra_eps: More radii to evaluate besides threat.eps (paper Table 9 sweeps 1/255 ... 16/255).
+            extra_eps: More radii to evaluate besides threat.eps (paper Table 9 sweeps 1/255 to 16/255).
             alpha: Override the checkpoint's alpha.
             compare_base: Also evaluate alpha = 0 (the base model) side by side.
             large_eps: Also run APGD-CE and BPDA-APGD-CE at this radius; accuracy must be about zero.
@@ -269,7 +279,6 @@ class MeanSparseTrainer(LightningSubcommands):
             diagnostics: The indicators of attack failure that run with the evaluation (subset size, forwards,
                 large eps, test level; see DiagnosticsConfig).
         """
-        check_options("evaluate", locals())
         evaluation = RobustnessEvaluation(
             attacks, threat, tuple(extra_eps or ()), large_eps, diagnostics, seed, batch_size
         )
@@ -289,14 +298,14 @@ class MeanSparseTrainer(LightningSubcommands):
                 rank_zero_info(
                     f"diagnostics: {report.diagnostics.verdict()} ({report.diagnostics.seconds:.1f} s)"
                 )
-                log_rows(self.loggers, [report.metrics()])
-                write_report(out, "evaluation", report)
+                log_rows(self.loggers, report.metrics())
+                write_result(out, "evaluation", report)
                 if histogram_site is not None:
                     channel_histogram(
                         sparse, dataset, histogram_site, alpha, out / f"histogram_site{histogram_site}.png"
                     )
                 print(report.table())
-                print(f"\nwrote {out}/evaluation.{{md,json}}")
+                print(f"\nwrote {out}/evaluation.{{md,json,png}}")
             self.strategy.barrier("evaluate_saved")
 
     # --------------------------------------------------------------------------------------- diagnose
@@ -332,7 +341,6 @@ class MeanSparseTrainer(LightningSubcommands):
             output_dir: Where diagnostics.md / .json go.
             diagnostics: Subset size, forwards, large eps, test level (see DiagnosticsConfig).
         """
-        check_options("diagnose", locals())
         out = Path(output_dir)
         with self._holding(out):
             sparse, variants, dataset = self._variants_and_samples(locals())
@@ -382,11 +390,10 @@ class MeanSparseTrainer(LightningSubcommands):
             resume: Continue an interrupted comparison from its state files.
             diagnostics: The indicators of attack failure run on every model (see DiagnosticsConfig).
         """
-        check_options("compare", locals())
         out = Path(output_dir)
         with self._holding(out):
             fallback = None if network is not None else getattr(model, "model", None)
-            loaded = {m.label: compared_model(m, network, fallback) for m in models}
+            loaded = {m.label: load_compared(m, network, fallback) for m in models}
             dataset = split_samples(datamodule, split, limit_samples)
             for m in models:
                 check_data_fits(loaded[m.label], dataset, datamodule, m.checkpoint)
@@ -404,8 +411,8 @@ class MeanSparseTrainer(LightningSubcommands):
                 diagnostics=diagnostics,
             )
             if self.is_global_zero:
-                log_rows(self.loggers, [result.metrics()])
-                write_report(out, "comparison", result, result.plot())
+                log_rows(self.loggers, result.metrics())
+                write_result(out, "comparison", result)
                 print(result.table())
                 print(f"\nwrote {out}/comparison.{{md,json,png}}")
             self.strategy.barrier("compare_saved")
@@ -433,7 +440,7 @@ class MeanSparseTrainer(LightningSubcommands):
         self, checkpoint: str, network: nn.Module | None, model: pl.LightningModule
     ) -> nn.Module:
         fallback = None if network is not None else getattr(model, "model", None)
-        return calibrated_model(checkpoint, network, fallback).to(self.strategy.root_device)
+        return load_calibrated(checkpoint, network, fallback_model=fallback).to(self.strategy.root_device)
 
     def _architecture(self, model: pl.LightningModule, network: nn.Module | None) -> dict | None:
         """How the output checkpoint records its network: the ``--network`` class and init arguments, or the

@@ -16,5 +16,5 @@ start=$(date +%s)
 .venv/bin/python cli.py diagnose --config configs/fashion_mnist_diagnose.yaml
 echo
 echo "Demo finished in $(( $(date +%s) - start )) s. Results in runs/fashion_mnist_demo/:"
-echo "  alpha_search/alpha_search.{md,json,png}  evaluate/evaluation.{md,json}  evaluate/histogram_site1.png"
+echo "  alpha_search/alpha_search.{md,json,png}  evaluate/evaluation.{md,json,png}  evaluate/histogram_site1.png"
 echo "  diagnose_alpha0.5/diagnostics.{md,json}"

@@ -774,3 +774,39 @@ def test_band_mask_is_the_operators_own_strict_test_on_the_band_edge():
     assert torch.equal(replaced, expected & (z != torch.tensor([0.0, 1.0]).view(1, 2, 1)))
     op.set_alpha(0.0)
     assert not band_mask(op, z).any()
+
+
+def test_each_attacks_facts_are_written_once_and_every_report_reads_its_columns_by_one_rule():
+    """The reports' attack lists are views of the facts on each AttackSpec; a column is an attack's verdicts, a
+    combined column's parts ANDed, or every attack ANDed (best known) - checked on hand-written verdicts."""
+    from meansparse_pl.attacks import (
+        BLACK_BOX_ATTACKS,
+        BLACK_BOX_OR_TRANSFER,
+        COMPOSITE_ATTACKS,
+        EXACT_WHITE_BOX,
+        MASKING_WORDS,
+        WHITE_BOX_ATTACKS,
+        column_verdicts,
+    )
+
+    assert COMPOSITE_ATTACKS == {"apgd-ce+dlr": ("apgd-ce", "apgd-dlr")}
+    assert EXACT_WHITE_BOX == ("apgd-ce", "apgd-dlr", "apgd-t", "pgd", "fab-t")
+    assert set(WHITE_BOX_ATTACKS) == {
+        *EXACT_WHITE_BOX,
+        "autoattack",
+        "bpda-apgd-ce",
+        "surrogate-apgd-ce",
+        "adaptive",
+    }
+    assert BLACK_BOX_ATTACKS == ("square",) and BLACK_BOX_OR_TRANSFER == ("square", "transfer-base")
+    assert tuple(MASKING_WORDS) == ("bpda-apgd-ce", "surrogate-apgd-ce", "transfer-base")
+    verdicts = {
+        "clean": {0: True, 1: True, 2: True, 3: False},
+        "apgd-ce": {0: True, 1: False, 2: True, 3: False},
+        "apgd-dlr": {0: True, 1: True, 2: False, 3: False},
+        "square": {0: False, 1: True, 2: True, 3: False},
+    }
+    assert column_verdicts(verdicts, "apgd-ce") == verdicts["apgd-ce"]
+    assert column_verdicts(verdicts, "apgd-ce+dlr") == {0: True, 1: False, 2: False, 3: False}
+    assert column_verdicts(verdicts, "best_known") == {0: False, 1: False, 2: False, 3: False}
+    assert column_verdicts(verdicts, "worst_case") == column_verdicts(verdicts, "best_known")

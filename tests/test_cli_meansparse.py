@@ -112,20 +112,20 @@ def test_callback_statistics_equal_a_direct_calibration_of_the_best_weights(trai
 
 
 def test_postprocess_from_a_lightning_checkpoint_with_limited_batches(trained, tmp_path):
-    output = tmp_path / "post.pt"
     main(
         [
             "postprocess",
             *DATA,
             *QUIET,
             *MODEL,
-            f"--checkpoint={trained['best']}",
-            f"--output={output}",
+            f"--weights={trained['best']}",
+            f"--output_dir={tmp_path}",
             "--alpha=0.2",
             "--trainer.limit_predict_batches=2",
             "--placement.exclude=['backbone.act3']",
         ]
     )
+    output = tmp_path / "meansparse.pt"
     sparse = load_checkpoint(output)
     payload = torch.load(output, weights_only=True)
     assert payload["metadata"]["calibration"]["images"] == 128  # 2 batches of 64, recorded in the output
@@ -135,6 +135,27 @@ def test_postprocess_from_a_lightning_checkpoint_with_limited_batches(trained, t
     calibrate(reference, _datamodule().calibration_dataloader(), limit_batches=2, progress=False)
     for a, b in zip(operators(sparse), operators(reference), strict=True):
         torch.testing.assert_close(a.mean, b.mean, rtol=1e-6, atol=1e-7)
+
+
+def test_postprocess_old_option_names_still_work_for_one_release(trained, tmp_path, caplog, capsys):
+    """--checkpoint / --output (a file) are postprocess's old names of --weights / --output_dir: the same file,
+    one ``deprecated:`` line each; both names at once is one error line."""
+    args = [*DATA, *QUIET, *MODEL, "--trainer.limit_predict_batches=1"]
+    main(["postprocess", *args, f"--weights={trained['best']}", f"--output_dir={tmp_path}/new"])
+    caplog.clear()
+    main(["postprocess", *args, f"--checkpoint={trained['best']}", f"--output={tmp_path}/old.pt"])
+    deprecations = [r.getMessage() for r in caplog.records if r.getMessage().startswith("deprecated:")]
+    assert deprecations == [
+        "deprecated: postprocess --checkpoint is now --weights (the old name is accepted until meansparse_pl 0.3).",
+        "deprecated: postprocess --output is now --output_dir (the old name is accepted until meansparse_pl 0.3).",
+    ]
+    new, old = load_checkpoint(tmp_path / "new" / "meansparse.pt"), load_checkpoint(tmp_path / "old.pt")
+    for a, b in zip(operators(new), operators(old), strict=True):
+        assert torch.equal(a.mean, b.mean) and torch.equal(a.var, b.var)
+    line = _cli_error(
+        ["postprocess", *args, f"--checkpoint={trained['best']}", f"--weights={trained['best']}"], capsys
+    )
+    assert "--checkpoint is the old name of --weights; give --weights only" in line
 
 
 def test_alpha_search_successive_halving_from_the_cli(trained, tmp_path):
@@ -315,7 +336,7 @@ def test_bad_inputs_are_one_line_errors(trained, tmp_path, capsys):
     line = _cli_error(
         ["postprocess", *base, f"--data.data_dir={tmp_path}/nowhere", f"--output={tmp_path}/x.pt"], capsys
     )
-    assert "needs trained weights and got no --checkpoint" in line and "--allow_untrained" in line
+    assert "needs trained weights and got no --weights" in line and "--allow_untrained" in line
     line = _cli_error(
         ["postprocess", *base, f"--data.data_dir={tmp_path}/nowhere", f"--output={tmp_path}/x.pt"]
         + ["--allow_untrained=true"],

@@ -100,7 +100,7 @@ def test_the_comparison_round_trips_through_json_and_plots_standalone():
     figure = result.plot()
     (axes,) = figure.axes
     assert "difference from the control" in axes.get_xlabel()
-    assert result.metrics()["compare/meansparse/vs_control/best_known"] == pytest.approx(20.0)
+    assert result.metrics()[0]["compare/meansparse/vs_control/best_known"] == pytest.approx(20.0)
     with pytest.raises(ConfigurationError, match="control"):
         ModelComparison("Linf", 0.1, "nobody", ["clean"], [], {"control": {"clean": {0: True}}})
 

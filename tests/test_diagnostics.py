@@ -269,7 +269,7 @@ def test_the_masking_flag_names_the_cause_it_measured(honest, sparse, test_data)
     data = report.to_json()
     assert data["diagnostics"][0] | {} == randomness.to_json()
     assert "## Can this number be trusted?" in report.table()
-    assert report.metrics()["evaluate/diagnostics/meansparse/eps=0.1/randomness/fired"] == 1.0
+    assert report.metrics()[0]["evaluate/diagnostics/meansparse/eps=0.1/randomness/fired"] == 1.0
 
 
 def test_results_round_trip_and_say_no_when_an_indicator_fired():

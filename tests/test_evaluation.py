@@ -71,3 +71,20 @@ def test_a_cascade_step_must_follow_the_tasks_it_attacks_the_survivors_of():
     model, data = _model_and_data()
     with pytest.raises(ConfigurationError, match="do not come before it"):
         run_tasks(model, data, [EvaluationTask("pgd", "pgd", THREAT, PGD, after=("clean",))], batch_size=16)
+
+
+@pytest.mark.parametrize("bar", [True, False])
+def test_progress_moves_per_attack_inside_a_batch_and_is_off_with_the_trainers_bar(bar, capsys):
+    """One predict batch can hold every attack (the Trainer's own bar then sits at 0/1): a bar per batch counts
+    the attacks done, shown only where the Trainer shows its progress bar."""
+    import lightning.pytorch as pl
+
+    sparse, data = _model_and_data(8)
+    tasks = [EvaluationTask(f"t{i}", "pgd", THREAT, PGD) for i in range(3)]
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=1, logger=False, inference_mode=False, enable_progress_bar=bar,
+        enable_model_summary=False, enable_checkpointing=False,
+    )  # fmt: skip
+    run_tasks(sparse, data, tasks, batch_size=8, trainer=trainer)
+    err = capsys.readouterr().err
+    assert ("batch 1: attacks" in err and "0/3 [" in err) == bar

@@ -21,7 +21,7 @@ from meansparse_pl.models import (
     get_activation,
     list_activations,
     list_models,
-    register_activation,
+    register_backbone_activation,
     register_model,
 )
 
@@ -393,13 +393,13 @@ def test_unknown_activation_lists_valid_names() -> None:
         assert name in message
 
 
-def test_register_activation() -> None:
+def test_register_backbone_activation() -> None:
     try:
-        register_activation("relu6_for_test", nn.ReLU6)
+        register_backbone_activation("relu6_for_test", nn.ReLU6)
         assert isinstance(get_activation("relu6_for_test"), nn.ReLU6)
         model = create_model("small_cnn", in_channels=1, activation="relu6_for_test")
         assert sum(isinstance(m, nn.ReLU6) for m in model.modules()) == 3
         with pytest.raises(ConfigurationError, match="already registered"):
-            register_activation("relu6_for_test", nn.ReLU6)
+            register_backbone_activation("relu6_for_test", nn.ReLU6)
     finally:
         activations._ACTIVATIONS.pop("relu6_for_test", None)

@@ -22,7 +22,7 @@ from meansparse_pl import calibrate, operators, sparsify
 from meansparse_pl.checkpoint import load_checkpoint, save_checkpoint
 from meansparse_pl.errors import CheckpointError, ConfigurationError, DataNotFoundError
 from meansparse_pl.models import create_model
-from meansparse_pl.models import robustbench as architectures
+from meansparse_pl.models import robustbench_zoo as architectures
 from meansparse_pl.placement import placement_of
 from meansparse_pl.published import convert_published
 
@@ -445,11 +445,11 @@ def test_paper_configs_are_consistent(zoo):
         else:  # re-made from the base model: step 1 is a postprocess config writing this row's checkpoint
             step1 = re.search(r"cli\.py postprocess --config (\S+)", text).group(1)
             statistics = yaml.safe_load((ROOT / step1).read_text())
-            assert statistics["output"] == config["checkpoint"], stem
+            assert f"{statistics['output_dir']}/meansparse.pt" == config["checkpoint"], stem
             assert statistics["model"]["backbone"] == "robustbench", stem
             options_ = statistics["model"]["backbone_kwargs"]
             name, dataset, threat = options_["model_name"], options_["dataset"], options_["threat_model"]
-            assert statistics["checkpoint"] == f"models/{dataset}/{threat}/{name}.pt", stem
+            assert statistics["weights"] == f"models/{dataset}/{threat}/{name}.pt", stem
         rb.model_entry(name, dataset, threat)
         assert config["alpha"] == PAPER_ALPHAS[stem], stem
         assert config["checkpoint"] == f"runs/paper/{stem}/meansparse.pt"

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
@@ -71,59 +71,37 @@ class PerSite(Schedule):
         distributed: bool | None = None,
     ) -> AlphaSearchResult:
         count = len(require_operators(model))
-        groups = self.groups or [[i] for i in range(count)]
-        outside = sorted({i for g in groups for i in g if i >= count})
-        if outside:
-            raise ConfigurationError(
-                f"groups name operators {outside}, but the model has {count} (0 to {count - 1})."
-            )
+        groups = self._groups_of(count)
         where = {"trainer": trainer, "distributed": distributed}
         overall = Exhaustive().run(
             search, model, dataset, state_path=None if state_path is None else f"{state_path}.global", **where
         )
+
+        def evaluate(alphas: list[float]) -> dict[str, PerSample]:
+            return self._evaluate(search, model, dataset, state_path, alphas, **where)
+
         start = self.start if self.start is not None else overall.suggestion()
         current = [start] * count
-        if (
-            start in overall.per_sample
-        ):  # the global search measured it already, with the same samples and seeds
-            verdicts = overall.per_sample[start]
-        else:
-            verdicts = self._evaluate(search, model, dataset, state_path, current, **where)
+        # the global search measured the start already when it is on its grid, with the same samples and seeds
+        verdicts = overall.per_sample[start] if start in overall.per_sample else evaluate(current)
         base_clean = overall.per_sample[0.0]["clean"]
         candidates = self.candidates or list(search.alphas)
         steps: list[dict[str, Any]] = []
         evaluations = 0
         for _ in range(self.sweeps):
             for group in groups:
-                tried: list[float] = []
-                best: tuple[float, float, float, list[float], dict[str, PerSample]] | None = None
-                for value in candidates:
-                    if all(current[i] == value for i in group) or evaluations >= self.budget:
-                        continue
-                    trial = [value if i in group else a for i, a in enumerate(current)]
-                    trial_verdicts = self._evaluate(search, model, dataset, state_path, trial, **where)
-                    evaluations += 1
-                    tried.append(value)
-                    drop = paired_comparison(base_clean, trial_verdicts["clean"])[0]
-                    gap, error = paired_gap(
-                        search.criterion_per_sample(trial_verdicts), search.criterion_per_sample(verdicts)
-                    )
-                    if (
-                        drop <= search.max_clean_drop + 1e-9
-                        and gap > error + 1e-9
-                        and (best is None or gap > best[1])
-                    ):
-                        best = (value, gap, error, trial, trial_verdicts)
-                steps.append(
-                    {
-                        "sites": list(group),
-                        "tried": tried,
-                        "kept": best[0] if best else current[group[0]],
-                        "accepted": best is not None,
-                        "gain": best[1] if best else 0.0,
-                        "standard_error": best[2] if best else 0.0,
-                    }
+                tried, best = self._try_group(
+                    search,
+                    group,
+                    current,
+                    verdicts,
+                    base_clean,
+                    candidates,
+                    self.budget - evaluations,
+                    evaluate,
                 )
+                evaluations += len(tried)
+                steps.append(_step_record(group, tried, best, current))
                 if best is not None:
                     current, verdicts = best[3], best[4]
         overall.site_alphas = current
@@ -131,6 +109,49 @@ class PerSite(Schedule):
         overall.site_accuracy = row_of(verdicts)
         overall.schedule = self.name
         return overall
+
+    def _groups_of(self, count: int) -> list[list[int]]:
+        """The operator groups, each operator on its own by default; one line for a group naming a missing one."""
+        groups = self.groups or [[i] for i in range(count)]
+        outside = sorted({i for g in groups for i in g if i >= count})
+        if outside:
+            raise ConfigurationError(
+                f"groups name operators {outside}, but the model has {count} (0 to {count - 1})."
+            )
+        return groups
+
+    @staticmethod
+    def _try_group(
+        search: SearchPlan,
+        group: list[int],
+        current: list[float],
+        verdicts: dict[str, PerSample],
+        base_clean: PerSample,
+        candidates: list[float],
+        budget: int,
+        evaluate: Callable[[list[float]], dict[str, PerSample]],
+    ) -> tuple[list[float], tuple[float, float, float, list[float], dict[str, PerSample]] | None]:
+        """Every candidate alpha for one group with the other operators fixed, at most ``budget`` evaluations: the
+        values tried and the best accepted trial (value, gain, standard error, alphas, verdicts) or None."""
+        tried: list[float] = []
+        best: tuple[float, float, float, list[float], dict[str, PerSample]] | None = None
+        for value in candidates:
+            if all(current[i] == value for i in group) or len(tried) >= budget:
+                continue
+            trial = [value if i in group else a for i, a in enumerate(current)]
+            trial_verdicts = evaluate(trial)
+            tried.append(value)
+            drop = paired_comparison(base_clean, trial_verdicts["clean"])[0]
+            gap, error = paired_gap(
+                search.criterion_per_sample(trial_verdicts), search.criterion_per_sample(verdicts)
+            )
+            if (
+                drop <= search.max_clean_drop + 1e-9
+                and gap > error + 1e-9
+                and (best is None or gap > best[1])
+            ):
+                best = (value, gap, error, trial, trial_verdicts)
+        return tried, best
 
     @staticmethod
     def _evaluate(
@@ -162,3 +183,17 @@ class PerSite(Schedule):
             distributed=distributed,
         )
         return {t.attack: results[t.key] for t in tasks}
+
+
+def _step_record(
+    group: list[int], tried: list[float], best: tuple | None, current: list[float]
+) -> dict[str, Any]:
+    """One visit of a group as the result records it: what was tried, the alpha kept, and the accepted gain."""
+    return {
+        "sites": list(group),
+        "tried": tried,
+        "kept": best[0] if best else current[group[0]],
+        "accepted": best is not None,
+        "gain": best[1] if best else 0.0,
+        "standard_error": best[2] if best else 0.0,
+    }

@@ -14,11 +14,20 @@ from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
-from meansparse_pl.attacks import PerSample, decode_verdicts, encode_verdicts, paired_gap, worst_case
+from meansparse_pl.attacks import (
+    BEST_KNOWN_COLUMNS,
+    COMPOSITE_ATTACKS,
+    PerSample,
+    column_verdicts,
+    decode_verdicts,
+    encode_verdicts,
+    paired_gap,
+    worst_case,
+)
 from meansparse_pl.diagnostics import Diagnostics
 from meansparse_pl.errors import ConfigurationError
 from meansparse_pl.evaluation import accuracy
-from meansparse_pl.io import write_report
+from meansparse_pl.io import write_result
 from meansparse_pl.ops import set_alpha
 
 if TYPE_CHECKING:
@@ -82,7 +91,7 @@ class AlphaSearchResult:
     @property
     def columns(self) -> list[str]:
         present = self.accuracy[self.alphas[0]]
-        return [c for c in ["clean", *self.attacks, "apgd-ce+dlr", "worst_case"] if c in present]
+        return [c for c in ["clean", *self.attacks, *COMPOSITE_ATTACKS, "worst_case"] if c in present]
 
     def criterion_per_sample(self, alpha: float) -> PerSample:
         """Per sample, whether ``alpha`` is correct under the criterion (all attacks, or APGD-CE)."""
@@ -97,13 +106,11 @@ class AlphaSearchResult:
     def column_per_sample(self, alpha: float, column: str) -> PerSample | None:
         """Per-sample verdicts behind one table cell (None where the result holds none)."""
         verdicts = self.per_sample.get(alpha)
-        if verdicts is None:
+        if verdicts is None or not (
+            column in verdicts or column in BEST_KNOWN_COLUMNS or column in COMPOSITE_ATTACKS
+        ):
             return None
-        if column == "worst_case":
-            return worst_case(verdicts.values())
-        if column == "apgd-ce+dlr":
-            return worst_case([verdicts["apgd-ce"], verdicts["apgd-dlr"]])
-        return verdicts.get(column)
+        return column_verdicts(verdicts, column)
 
     # ------------------------------------------------------------------------------------------- rule
     def rule(self) -> str:
@@ -258,18 +265,7 @@ class AlphaSearchResult:
         ax.axhline(
             limit, color="grey", linestyle="-.", linewidth=1, label=f"clean-accuracy limit ({limit:.2f})"
         )
-        flagged = [a for a in self.alphas if any(flag.startswith(f"alpha={a:g}") for flag in self.flags)]
-        if flagged:
-            column = criterion_column(self.criterion)
-            ax.plot(
-                flagged,
-                [self.accuracy[a][column] for a in flagged],
-                "x",
-                color="red",
-                markersize=10,
-                markeredgewidth=2,
-                label="gradient masking flagged (BPDA > 1 point below APGD-CE)",
-            )
+        self._mark_flagged(ax)
         if suggest:
             chosen = self.suggestion()
             ax.axvline(chosen, color="black", linestyle=":", label=f"chosen alpha {chosen:g}")
@@ -284,6 +280,21 @@ class AlphaSearchResult:
         ax.legend(fontsize=7, loc="best")
         fig.tight_layout()
         return fig  # type: ignore[return-value]
+
+    def _mark_flagged(self, ax: Axes) -> None:
+        """A red cross on the criterion's line at every alpha flagged for gradient masking."""
+        flagged = [a for a in self.alphas if any(flag.startswith(f"alpha={a:g}") for flag in self.flags)]
+        if flagged:
+            column = criterion_column(self.criterion)
+            ax.plot(
+                flagged,
+                [self.accuracy[a][column] for a in flagged],
+                "x",
+                color="red",
+                markersize=10,
+                markeredgewidth=2,
+                label="gradient masking flagged (BPDA > 1 point below APGD-CE)",
+            )
 
     def metrics(self) -> list[dict[str, float]]:
         """The table as logger rows, one per alpha (its step is its position in the grid), then the choice:
@@ -308,7 +319,7 @@ class AlphaSearchResult:
 
     def write(self, folder: str | os.PathLike) -> list[Path]:
         """``alpha_search.md`` / ``.json`` / ``.png`` in ``folder``, written as one."""
-        return write_report(folder, "alpha_search", self, self.plot())
+        return write_result(folder, "alpha_search", self)
 
     # ------------------------------------------------------------------------------------------- JSON
     def to_json(self) -> dict[str, Any]:
@@ -416,8 +427,8 @@ def flags_for(
 def row_of(per_attack: dict[str, PerSample]) -> dict[str, float]:
     """One table row: accuracy per column, APGD-CE+DLR and the worst case over every attack."""
     row = {name: accuracy(values) for name, values in per_attack.items()}
-    ce_dlr = [per_attack[a] for a in ("apgd-ce", "apgd-dlr") if a in per_attack]
-    if len(ce_dlr) == 2:
-        row["apgd-ce+dlr"] = accuracy(worst_case(ce_dlr))
-    row["worst_case"] = accuracy(worst_case(per_attack.values()))
+    for combined, parts in COMPOSITE_ATTACKS.items():
+        if all(part in per_attack for part in parts):
+            row[combined] = accuracy(column_verdicts(per_attack, combined))
+    row["worst_case"] = accuracy(column_verdicts(per_attack, "worst_case"))
     return row

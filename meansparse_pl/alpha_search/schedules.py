@@ -14,13 +14,10 @@ search gives them. Where the rounds start on whole batches, the finalists' numbe
 search's, so the two schedules can only disagree when the exhaustive winner was dropped early. A round that
 starts inside a batch gets other random starts, and a warning says so.
 
-Measured on the Fashion-MNIST demo model (benchmarks/README.md, "Choosing alpha"): alphas 0.15-0.3 form a
-plateau 0.15 points wide on 2048 held-out images, so on 256 images the exhaustive choice among them is decided
-by attack noise: with other random starts it repeated itself in only 4 of 10 subsets. On those 10 subsets (not
-used to design the halving step) successive halving chose the same alpha as the exhaustive search in 6 of 10
-(``highest``) and 7 of 10 (``smallest_within_error``) at 0.38x its time; where it did not, it had dropped the
-exhaustive winner on 16 or 32 images (regret up to 1.56 points). Exhaustive stays the default: it is the
-reference, and what halving saves is paid for with the chance of another point of the plateau.
+Why exhaustive stays the default: where alphas lie on a plateau within attack noise of each other, the
+exhaustive choice among them is itself decided by noise, and halving can drop the exhaustive winner on its
+first small subsets; what halving saves is paid for with the chance of another point of the plateau. Its
+measured agreement and cost are in ``benchmarks/README.md`` ("Choosing alpha").
 """
 
 from __future__ import annotations
@@ -219,10 +216,8 @@ class SuccessiveHalving(Schedule):
         On a subset, the alphas within one standard error of the leader cannot be told apart, and ranking them
         by their noisy accuracies drops the eventual winner at random. Keeping the smallest of them instead keeps
         the answer of the one-standard-error rule, and beside the leader it gives the final round on the whole
-        split a real choice under either rule. Replayed on the per-sample results of 20 exhaustive searches on
-        the demo model (benchmarks/README.md), this ordering with two finalists agreed with the exhaustive choice
-        in 11 of 20 (``highest``) and 15 of 20 (``smallest_within_error``), against 8 and 9 of 20 for plain
-        ranking down to one finalist, at the same 39% of the evaluations.
+        split a real choice under either rule (its measured agreement with the exhaustive choice:
+        ``benchmarks/README.md``, "Choosing alpha").
         """
         rank = {alpha: self.rank_key(search, alpha, per_sample) for alpha in alphas}
         ranked = sorted(alphas, key=rank.__getitem__, reverse=True)
@@ -263,6 +258,31 @@ class SuccessiveHalving(Schedule):
                 kept.append(alpha)
         return sorted(kept)
 
+    def survivors(self, search: SearchPlan, survivors: list[float], per_sample: Verdicts) -> list[float]:
+        """The alphas a round keeps (alpha 0 always): by ``elimination``, from the verdicts so far."""
+        nonzero = [a for a in survivors if a != 0.0]
+        if len(nonzero) <= 1:
+            return survivors
+        if self.elimination == "clearly_worse":
+            return [0.0, *self.not_clearly_worse(search, nonzero, per_sample)]
+        keep = max(self.nonzero_finalists, math.ceil(len(nonzero) / 2))
+        return [0.0, *sorted(self.elimination_order(search, nonzero, per_sample)[:keep])]
+
+    @staticmethod
+    def _warn_misaligned(search: SearchPlan, pending: list[int]) -> None:
+        # A round that starts inside a batch of the full run draws other random starts for its attacks (the first
+        # round is a prefix of the first batch and gets the same ones on the CPU): the finalists' numbers may then
+        # differ from an exhaustive run's by attack noise, and with them the choice.
+        misaligned = [start for start in pending[:-1] if start % search.batch_size]
+        if misaligned:
+            fitting = max(d for d in range(1, min(pending[0], search.batch_size) + 1) if pending[0] % d == 0)
+            rank_zero_warn(
+                f"successive halving: rounds start at samples {misaligned}, inside batches of {search.batch_size}; "
+                "their attacks get other random starts than an exhaustive search would use, so the two can "
+                f"disagree by noise. For identical numbers use a batch_size that divides {pending[0]} "
+                f"(e.g. {fitting}) in both schedules."
+            )
+
     def run(
         self,
         search: SearchPlan,
@@ -279,18 +299,7 @@ class SuccessiveHalving(Schedule):
         rounds: list[dict[str, Any]] = []
         done = 0
         pending = self.round_sizes(search, num_samples)
-        # A round that starts inside a batch of the full run draws other random starts for its attacks (the first
-        # round is a prefix of the first batch and gets the same ones on the CPU): the finalists' numbers may then
-        # differ from an exhaustive run's by attack noise, and with them the choice.
-        misaligned = [start for start in pending[:-1] if start % search.batch_size]
-        if misaligned:
-            fitting = max(d for d in range(1, min(pending[0], search.batch_size) + 1) if pending[0] % d == 0)
-            rank_zero_warn(
-                f"successive halving: rounds start at samples {misaligned}, inside batches of {search.batch_size}; "
-                "their attacks get other random starts than an exhaustive search would use, so the two can "
-                f"disagree by noise. For identical numbers use a batch_size that divides {pending[0]} "
-                f"(e.g. {fitting}) in both schedules."
-            )
+        self._warn_misaligned(search, pending)
         while pending:
             size = pending.pop(0)
             index = len(rounds)
@@ -311,13 +320,8 @@ class SuccessiveHalving(Schedule):
                     per_sample[alpha][column].update({done + i: c for i, c in values.items()})
             done = size
             evaluated = list(survivors)
-            nonzero = [a for a in survivors if a != 0.0]
-            if pending and len(nonzero) > 1:
-                if self.elimination == "clearly_worse":
-                    survivors = [0.0, *self.not_clearly_worse(search, nonzero, per_sample)]
-                else:
-                    keep = max(self.nonzero_finalists, math.ceil(len(nonzero) / 2))
-                    survivors = [0.0, *sorted(self.elimination_order(search, nonzero, per_sample)[:keep])]
+            if pending:
+                survivors = self.survivors(search, survivors, per_sample)
             # no more than the finalists left: nothing to drop, straight to the whole split
             if len(survivors) - 1 <= self.nonzero_finalists:
                 pending = pending[-1:]

@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -129,10 +129,24 @@ class AttackContext:
 BatchAttack = Callable[[AttackContext, Tensor, Tensor], Tensor]
 
 
+# What an attack is, for the reports' checks: the clean forward, a white-box attack on the model's own (exact)
+# gradient, an adaptive one that sees past masked gradients (straight-through, surrogate, the paper's band
+# penalty), a black-box one (queries only), a transfer from another model, or an ensemble (AutoAttack, which
+# includes a black-box attack).
+Family = Literal["clean", "exact", "adaptive", "black_box", "transfer", "ensemble"]
+
+
 @dataclass(frozen=True)
 class AttackSpec:
+    """One evaluation attack: how it runs and its facts (the one place each attack's facts are written)."""
+
     run: BatchAttack
     defaults: dict[str, Any] = field(default_factory=dict)
     min_classes: int = 2
     needs_images: bool = False
     whole_set: bool = False  # the attack does its own batching (AutoAttack)
+    family: Family = "exact"
+    parts: tuple[str, ...] = ()  # a combined column: the attacks whose per-sample verdicts it ANDs
+    masking_words: str | None = (
+        None  # how a gradient-masking flag names an attack that sees past masked gradients
+    )

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -28,6 +29,7 @@ from meansparse_pl.attacks.common import (
     require_image_batch,
 )
 from meansparse_pl.attacks.pgd import check_box
+from meansparse_pl.attacks.verdicts import PerSample, worst_case
 from meansparse_pl.config import AttackConfig, ThreatModel, check_number, check_positive_int
 from meansparse_pl.errors import ConfigurationError
 from meansparse_pl.inputs import logits_of, parameter_dtype
@@ -45,12 +47,15 @@ _APGD_DEFAULTS = {"n_iter": 100, "n_restarts": 1, "rho": 0.75, **_BACKWARD}
 _PGD_DEFAULTS = {"steps": 50, "step_size": None, "n_restarts": 1, "random_start": True, **_BACKWARD}
 
 _REGISTRY: dict[str, AttackSpec] = {
-    "clean": AttackSpec(aa.clean),
-    "pgd": AttackSpec(aa.pgd, dict(_PGD_DEFAULTS)),
+    "clean": AttackSpec(aa.clean, family="clean"),
     "apgd-ce": AttackSpec(aa.apgd("ce"), dict(_APGD_DEFAULTS)),
     "apgd-dlr": AttackSpec(aa.apgd("dlr"), dict(_APGD_DEFAULTS), min_classes=3),
-    "apgd-ce+dlr": AttackSpec(aa.apgd_ce_dlr, dict(_APGD_DEFAULTS), min_classes=3),
+    # run as one attack by run_attack; in a report, the per-sample AND of its parts' columns
+    "apgd-ce+dlr": AttackSpec(
+        aa.apgd_ce_dlr, dict(_APGD_DEFAULTS), min_classes=3, parts=("apgd-ce", "apgd-dlr")
+    ),
     "apgd-t": AttackSpec(aa.apgd_t, {**_APGD_DEFAULTS, "n_target_classes": 9}, min_classes=4),
+    "pgd": AttackSpec(aa.pgd, dict(_PGD_DEFAULTS)),
     "fab-t": AttackSpec(
         aa.fab_t,
         {
@@ -61,22 +66,40 @@ _REGISTRY: dict[str, AttackSpec] = {
             "temperature": DEFAULT_TEMPERATURE,
         },
     ),
-    "square": AttackSpec(aa.square, {"n_queries": 5000, "n_restarts": 1, "p_init": 0.8}, needs_images=True),
+    "square": AttackSpec(
+        aa.square, {"n_queries": 5000, "n_restarts": 1, "p_init": 0.8}, needs_images=True, family="black_box"
+    ),
     "autoattack": AttackSpec(
         aa.autoattack,
         {"n_iter": 100, "n_queries": 5000, "n_target_classes": 9, **_BACKWARD},
         min_classes=4,
         needs_images=True,
         whole_set=True,
+        family="ensemble",
     ),
     # APGD-CE through the straight-through backward (BPDA) and through the smooth surrogate: presets of the switch
-    "bpda-apgd-ce": AttackSpec(aa.apgd("ce"), {**_APGD_DEFAULTS, "backward": "straight_through"}),
-    "surrogate-apgd-ce": AttackSpec(aa.apgd("ce"), {**_APGD_DEFAULTS, "backward": "surrogate"}),
+    "bpda-apgd-ce": AttackSpec(
+        aa.apgd("ce"),
+        {**_APGD_DEFAULTS, "backward": "straight_through"},
+        family="adaptive",
+        masking_words="BPDA-APGD-CE (straight-through backward)",
+    ),
+    "surrogate-apgd-ce": AttackSpec(
+        aa.apgd("ce"),
+        {**_APGD_DEFAULTS, "backward": "surrogate"},
+        family="adaptive",
+        masking_words="APGD-CE through the smooth surrogate backward",
+    ),
     # APGD-CE on the base model (every alpha 0), judged on the MeanSparse model: a transfer attack
     "transfer-base": AttackSpec(
-        aa.transfer_base, {"n_iter": 100, "n_restarts": 1, "rho": 0.75, "eot_iter": 1}
+        aa.transfer_base,
+        {"n_iter": 100, "n_restarts": 1, "rho": 0.75, "eot_iter": 1},
+        family="transfer",
+        masking_words="APGD-CE transferred from the base model",
     ),
-    "adaptive": AttackSpec(adaptive, {**_PGD_DEFAULTS, "p": 1.0, "q": 1.0, "lambda_": 1.0}),
+    "adaptive": AttackSpec(
+        adaptive, {**_PGD_DEFAULTS, "p": 1.0, "q": 1.0, "lambda_": 1.0}, family="adaptive"
+    ),
 }
 # the attacks that reduce to another one on a model without operators
 _REDUCES_WITHOUT_OPERATORS = {
@@ -87,6 +110,36 @@ _REDUCES_WITHOUT_OPERATORS = {
 }
 
 ATTACK_NAMES: tuple[str, ...] = tuple(_REGISTRY)
+
+# Views of the attacks' facts, in the registry's order (derived here, written nowhere else)
+#: combined columns -> the attacks whose per-sample verdicts they AND
+COMPOSITE_ATTACKS: dict[str, tuple[str, ...]] = {n: s.parts for n, s in _REGISTRY.items() if s.parts}
+#: white-box attacks on the model's own gradient (AutoAttack is left out: it includes Square)
+EXACT_WHITE_BOX: tuple[str, ...] = tuple(
+    n for n, s in _REGISTRY.items() if s.family == "exact" and not s.parts
+)
+#: every white-box attack: exact, adaptive and AutoAttack
+WHITE_BOX_ATTACKS: tuple[str, ...] = tuple(
+    n for n, s in _REGISTRY.items() if s.family in ("exact", "adaptive", "ensemble") and not s.parts
+)
+BLACK_BOX_ATTACKS: tuple[str, ...] = tuple(n for n, s in _REGISTRY.items() if s.family == "black_box")
+BLACK_BOX_OR_TRANSFER: tuple[str, ...] = tuple(
+    n for n, s in _REGISTRY.items() if s.family in ("black_box", "transfer")
+)
+#: attacks that see past the operators' masked gradient -> how a gradient-masking flag names each
+MASKING_WORDS: dict[str, str] = {n: s.masking_words for n, s in _REGISTRY.items() if s.masking_words}
+#: the columns of the per-sample worst case over every attack (the report says best_known, the search worst_case)
+BEST_KNOWN_COLUMNS = ("best_known", "worst_case")
+
+
+def column_verdicts(per_attack: Mapping[str, PerSample], column: str) -> PerSample:
+    """The per-sample verdicts of one column of any result: an attack's own, a combined column's (its parts'
+    ANDed) or the best known (every attack's ANDed): the one rule every report reads its columns by."""
+    if column in BEST_KNOWN_COLUMNS:
+        return worst_case(per_attack.values())
+    if column in COMPOSITE_ATTACKS:
+        return worst_case([per_attack[part] for part in COMPOSITE_ATTACKS[column]])
+    return per_attack[column]
 
 
 def attack_options(name: str) -> dict[str, Any]:
@@ -205,6 +258,60 @@ def run_attack(
     eps, norm = threat.eps, threat.norm
     opts = _resolve_options(name, spec, options)
     batch_size = _positive_int("batch_size", name, batch_size)
+    _check_inputs(name, spec, model, x, y, norm)
+    device = model_device(model, x)
+    if x.shape[0] == 0:
+        return torch.zeros(0, dtype=torch.bool, device=x.device)
+    with evaluation_context(model, device):
+        # Allocated here, outside any caller's inference mode, so that it can be filled in place.
+        result = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+        x, y = _detached_inputs(model, x, y)
+        with torch.no_grad():
+            n_classes = int(logits_of(model(x[:1].to(device)), 1, where=f"attack {name!r}").shape[-1])
+        require_classes(name, n_classes, spec.min_classes)
+        with _operator_backward(model, opts):
+            if spec.whole_set:
+                ctx = AttackContext(
+                    model, eps, norm, seed, device, n_classes, {**opts, "batch_size": batch_size}
+                )
+                return spec.run(ctx, x, y).to(result.device)
+            ctx = AttackContext(model, eps, norm, seed, device, n_classes, opts)
+            batches = tqdm(
+                range(0, x.shape[0], batch_size),
+                desc=name,
+                unit="batch",
+                disable=(not progress) if progress is not None else None,
+                leave=False,
+            )
+            for start in batches:
+                xb = x[start : start + batch_size].to(device)
+                yb = y[start : start + batch_size].to(device)
+                result[start : start + batch_size] = spec.run(ctx, xb, yb).to(result.device)
+    return result
+
+
+def _operator_backward(model: nn.Module, opts: dict[str, Any]) -> contextlib.AbstractContextManager:
+    """The operators' backward the attack asks for (``backward`` option), or nothing to switch."""
+    mode = opts.get("backward")
+    if mode is None or not operators(model):
+        return contextlib.nullcontext()
+    return backward_mode(model, mode, opts["temperature"])
+
+
+def _detached_inputs(model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    """Copies of the images (in the model's float dtype when they are float64) and the labels (long), checked to
+    lie in the [0, 1] box."""
+    x = x.detach().clone()
+    dtype = parameter_dtype(model, default=x.dtype)
+    if x.dtype == torch.float64 and dtype != torch.float64:  # float64 images for a float32 model
+        x = x.to(dtype)
+    check_box(x)
+    return x, y.detach().clone().long()
+
+
+def _check_inputs(name: str, spec: AttackSpec, model: nn.Module, x: Tensor, y: Tensor, norm: str) -> None:
+    """One line for images and labels that do not pair up or that the attack cannot take; a warning when the
+    attack reduces to another one on a model without operators."""
     if y.dim() != 1 or x.shape[0] != y.shape[0]:
         raise ConfigurationError(
             f"x and y must hold the same number of samples with y of shape (N,), got x {tuple(x.shape)} and y "
@@ -215,43 +322,3 @@ def run_attack(
     if name in _REDUCES_WITHOUT_OPERATORS and not operators(model):
         _LOG.warning("%s: the model has no MeanSparse operators, so it reduces to %s.", name,
                      _REDUCES_WITHOUT_OPERATORS[name])  # fmt: skip
-    device = model_device(model, x)
-    if x.shape[0] == 0:
-        return torch.zeros(0, dtype=torch.bool, device=x.device)
-    with evaluation_context(model, device):
-        # Allocated here, outside any caller's inference mode, so that it can be filled in place.
-        result = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
-        x = x.detach().clone()
-        dtype = parameter_dtype(model, default=x.dtype)
-        if x.dtype == torch.float64 and dtype != torch.float64:  # float64 images for a float32 model
-            x = x.to(dtype)
-        y = y.detach().clone().long()
-        check_box(x)
-        with torch.no_grad():
-            n_classes = int(logits_of(model(x[:1].to(device)), 1, where=f"attack {name!r}").shape[-1])
-        require_classes(name, n_classes, spec.min_classes)
-        mode = opts.get("backward")
-        switch = (
-            backward_mode(model, mode, opts["temperature"])
-            if mode is not None and operators(model)
-            else contextlib.nullcontext()
-        )
-        with switch:
-            if spec.whole_set:
-                ctx = AttackContext(
-                    model, eps, norm, seed, device, n_classes, {**opts, "batch_size": batch_size}
-                )
-                return spec.run(ctx, x, y).to(result.device)
-            ctx = AttackContext(model, eps, norm, seed, device, n_classes, opts)
-            starts = range(0, x.shape[0], batch_size)
-            for start in tqdm(
-                starts,
-                desc=name,
-                unit="batch",
-                disable=(not progress) if progress is not None else None,
-                leave=False,
-            ):
-                xb = x[start : start + batch_size].to(device)
-                yb = y[start : start + batch_size].to(device)
-                result[start : start + batch_size] = spec.run(ctx, xb, yb).to(result.device)
-    return result

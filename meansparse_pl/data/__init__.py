@@ -1,7 +1,12 @@
 """Lightning data modules for Fashion-MNIST, CIFAR-10, CIFAR-100 and ImageNet (one dataset family per module;
 the shared split and loader logic in :mod:`.base`)."""
 
-from meansparse_pl.data.base import ImageClassificationDataModule, TensorImageDataset, first_samples
+from meansparse_pl.data.base import (
+    ImageClassificationDataModule,
+    TensorImageDataset,
+    first_samples,
+    split_samples,
+)
 from meansparse_pl.data.cifar import CIFAR10DataModule, CIFAR100DataModule
 from meansparse_pl.data.fashion_mnist import FASHION_MNIST_FILES, FashionMNISTDataModule, read_idx
 from meansparse_pl.data.imagenet import ImageNetDataModule
@@ -17,5 +22,6 @@ __all__ = [
     "ImageNetDataModule",
     "TensorImageDataset",
     "first_samples",
+    "split_samples",
     "read_idx",
 ]

@@ -284,3 +284,11 @@ def first_samples(dataset: Dataset, limit: int | None) -> Dataset:
     if limit is None or limit >= len(dataset):  # type: ignore[arg-type]
         return dataset
     return Subset(dataset, range(limit))
+
+
+def split_samples(datamodule: Any, split: str, limit: int | None) -> Dataset:
+    """The first ``limit`` samples of the datamodule's test split (``split="test"``), or of its held-out
+    validation split."""
+    datamodule.setup("test" if split == "test" else "fit")
+    loader = datamodule.test_dataloader() if split == "test" else datamodule.val_dataloader()
+    return first_samples(loader.dataset, limit)

@@ -7,13 +7,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from meansparse_pl.attacks import PerSample, worst_case
+from meansparse_pl.attacks import BLACK_BOX_OR_TRANSFER, EXACT_WHITE_BOX, MASKING_WORDS, PerSample, worst_case
 from meansparse_pl.diagnostics.indicators import Indicator, counted
 
-# white-box attacks with the model's own (exact) gradient; AutoAttack is left out, as it includes Square
-EXACT_WHITE_BOX = ("apgd-ce", "apgd-dlr", "apgd-t", "pgd", "fab-t")
-BLACK_BOX_OR_TRANSFER = ("square", "transfer-base")
-ADAPTIVE = ("bpda-apgd-ce", "surrogate-apgd-ce", "transfer-base")
+# the attacks that see past masked gradients (straight-through, surrogate, transfer), from their facts
+ADAPTIVE = tuple(MASKING_WORDS)
 TOLERATED_BLACK_BOX = 0.01  # a sample a black-box attack breaks and strong white-box attacks miss: rare noise
 TOLERATED_ADAPTIVE = 0.01
 TOLERATED_NOT_MONOTONE = 0.01

@@ -10,14 +10,14 @@ normalisation is the model's first module (:class:`Normalize`), as attack librar
 from __future__ import annotations
 
 # Importing the architecture modules registers them (one architecture family per module).
-from meansparse_pl.models import preact_resnet, resnet, robustbench, small_cnn, wide_resnet  # noqa: F401
+from meansparse_pl.models import preact_resnet, resnet, robustbench_zoo, small_cnn, wide_resnet  # noqa: F401
 from meansparse_pl.models._registry import TORCHVISION_PREFIX, create_model, list_models, register_model
 from meansparse_pl.models.activations import (
     PSiLU,
     PSSiLU,
     get_activation,
     list_activations,
-    register_activation,
+    register_backbone_activation,
 )
 from meansparse_pl.models.layers import Normalize, NormalizedClassifier
 from meansparse_pl.models.torchvision_models import list_torchvision_models
@@ -33,6 +33,6 @@ __all__ = [
     "list_activations",
     "list_models",
     "list_torchvision_models",
-    "register_activation",
+    "register_backbone_activation",
     "register_model",
 ]

@@ -16,7 +16,7 @@ from torch import nn
 from meansparse_pl.errors import ConfigurationError
 from meansparse_pl.placement import register_activation as register_placement_activation
 
-__all__ = ["PSSiLU", "PSiLU", "get_activation", "list_activations", "register_activation"]
+__all__ = ["PSSiLU", "PSiLU", "get_activation", "list_activations", "register_backbone_activation"]
 
 
 class PSiLU(nn.Module):
@@ -87,9 +87,11 @@ _ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
 }
 
 
-def register_activation(name: str, factory: Callable[[], nn.Module]) -> None:
-    """Make ``factory`` available as activation ``name``; it is called once per use, so must build a new
-    module each time (a class, or a function that constructs one)."""
+def register_backbone_activation(name: str, factory: Callable[[], nn.Module]) -> None:
+    """Make ``factory`` available to the registry's backbones as activation ``name``
+    (``backbone_kwargs={"activation": name}``); it is called once per use, so must build a new module each time (a
+    class, or a function that constructs one). Placement's :func:`meansparse_pl.register_activation` is the other
+    registry: which module types and functions get an operator."""
     if not name or not isinstance(name, str):
         raise ConfigurationError(f"activation name must be a non-empty string, got {name!r}")
     if name in _ACTIVATIONS:

@@ -123,21 +123,29 @@ def activation_sites(
             "functionally, which hook placement cannot reach; make that module traceable, list the "
             "untraceable submodule in leaf_modules, or use an activation module (nn.ReLU, ...) there."
         )
-    found: list[tuple[Site, nn.Module]] = []
-    for path, module, shape, producer_dim in records:
-        dim = override_channel_dim(path, channel_dims)
-        if dim is None:
-            dim = (
-                producer_dim if producer_dim is not None else infer_channel_dim_from_shape(shape, guess=False)
-            )
-        if dim is None:
-            raise PlacementError(
-                f"{path}: the input {shape} comes from no conv / norm / linear layer directly and its shape does not "
-                "say which axis holds the channels (no square spatial pair); give it with channel_dims="
-                f"{{{path!r}: <axis>}}."
-            )
-        found.append((Site(len(found), path, f"nn.{type(module).__name__}", shape, dim, shape[dim]), module))
-    return found
+    return [_site(i, *record, channel_dims) for i, record in enumerate(records)]
+
+
+def _site(
+    index: int,
+    path: str,
+    module: nn.Module,
+    shape: tuple[int, ...],
+    producer_dim: int | None,
+    channel_dims: dict[str, int] | None,
+) -> tuple[Site, nn.Module]:
+    """The site of one activation call: its channel axis from ``channel_dims``, else the producing layer's, else
+    the shape's (one line asking for ``channel_dims`` when none says)."""
+    dim = override_channel_dim(path, channel_dims)
+    if dim is None:
+        dim = producer_dim if producer_dim is not None else infer_channel_dim_from_shape(shape, guess=False)
+    if dim is None:
+        raise PlacementError(
+            f"{path}: the input {shape} comes from no conv / norm / linear layer directly and its shape does not "
+            "say which axis holds the channels (no square spatial pair); give it with channel_dims="
+            f"{{{path!r}: <axis>}}."
+        )
+    return Site(index, path, f"nn.{type(module).__name__}", shape, dim, shape[dim]), module
 
 
 def insert_operators(

@@ -95,6 +95,29 @@ def candidate_sites(
             f"published module {collecting[0]} still has flag_update_statistics set, so every forward would "
             "change its statistics; set the flag to 0 (finish the published calibration) before converting."
         )
+    calls = _probe_calls(model, example_input, modules)
+    found: list[tuple[Site, str]] = []
+    for path, module, shape in calls:
+        channels = int(module.running_mean.numel())
+        variant = variant_of(module)
+        dim = next(
+            (d for pattern, d in (channel_dims or {}).items() if fnmatch.fnmatchcase(path, pattern)),
+            _published_layout(variant, shape, channels),
+        )
+        if shape[dim] != channels:
+            raise PlacementError(
+                f"published module {path} has {channels} channels but its input {shape} has {shape[dim]} on "
+                f"dim {dim}; pass channel_dims={{{path!r}: <axis>}}."
+            )
+        found.append((Site(len(found), path, variant, shape, dim, channels, path, kind="published"), path))
+    return found
+
+
+def _probe_calls(
+    model: nn.Module, example_input: torch.Tensor, modules: list[tuple[str, nn.Module]]
+) -> list[tuple[str, nn.Module, tuple[int, ...]]]:
+    """The published modules a probe forward calls, in call order, each with its input's shape; one line for a
+    module called twice or never."""
     calls: list[tuple[str, nn.Module, tuple[int, ...]]] = []
     handles = []
     for path, module in modules:
@@ -122,21 +145,7 @@ def candidate_sites(
             f"published module {never[0]} is not called by a forward with input shape "
             f"{tuple(example_input.shape)}; give an input the model really uses."
         )
-    found: list[tuple[Site, str]] = []
-    for path, module, shape in calls:
-        channels = int(module.running_mean.numel())
-        variant = variant_of(module)
-        dim = next(
-            (d for pattern, d in (channel_dims or {}).items() if fnmatch.fnmatchcase(path, pattern)),
-            _published_layout(variant, shape, channels),
-        )
-        if shape[dim] != channels:
-            raise PlacementError(
-                f"published module {path} has {channels} channels but its input {shape} has {shape[dim]} on "
-                f"dim {dim}; pass channel_dims={{{path!r}: <axis>}}."
-            )
-        found.append((Site(len(found), path, variant, shape, dim, channels, path, kind="published"), path))
-    return found
+    return calls
 
 
 def insert_operators(
