@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import lightning.pytorch as pl
-import torch
 from jsonargparse import lazy_instance
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
@@ -46,15 +45,16 @@ from meansparse_pl.config import (
     check_alpha,
     check_optional_positive_int,
 )
-from meansparse_pl.data import first_samples
+from meansparse_pl.data import split_samples
 from meansparse_pl.errors import ConfigurationError
 from meansparse_pl.evaluation import single_device_trainer
 from meansparse_pl.io import safe_load
 from meansparse_pl.lightning_runs import log_rows
 from meansparse_pl.ops import operators, set_alpha
+from meansparse_pl.options import deprecated
 from meansparse_pl.placement import describe, get_preset
 from meansparse_pl.placement import sparsify as place_operators
-from meansparse_pl.sharding import whole_batch_loader
+from meansparse_pl.sharding import whole_batches_of
 
 
 class MeanSparseCallback(pl.Callback):
@@ -68,7 +68,10 @@ class MeanSparseCallback(pl.Callback):
             ``cli.py alpha_search`` or the ``AlphaSearchCallback`` afterwards); None keeps the operators' own
             alphas (a model fine-tuned with its operators, see ``AdversarialClassifier(init_checkpoint=...)``).
         use_best_checkpoint: load the ``ModelCheckpoint`` callback's best weights before sparsifying.
-        limit_batches: collect statistics on only this many batches per process (None: the whole split).
+        limit_samples: collect the statistics over the first N images of the split (None: all of them), as every
+            subcommand counts samples.
+        limit_batches: old per-process batch limit (accepted until meansparse_pl 0.3, with a ``deprecated:``
+            line; use ``limit_samples``).
         batch_size: calibration batch size (None: the datamodule's).
         output_path: where to write the sparsified checkpoint (default: ``<trainer.default_root_dir>/meansparse.pt``).
         attribute: where the LightningModule keeps the network (a dotted attribute path: ``"model"``, ``"net"``,
@@ -86,11 +89,12 @@ class MeanSparseCallback(pl.Callback):
         placement: PlacementConfig | None = None,
         alpha: float | None = 0.0,
         use_best_checkpoint: bool = True,
-        limit_batches: int | None = None,
+        limit_samples: int | None = None,
         batch_size: int | None = None,
         output_path: str | None = None,
         attribute: str = "model",
         data: Literal["calibration", "train"] | DataLoader = "calibration",
+        limit_batches: int | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(attribute, str) or not all(part.isidentifier() for part in attribute.split(".")):
@@ -109,6 +113,11 @@ class MeanSparseCallback(pl.Callback):
             get_preset(self.placement.preset)  # an unknown preset fails before training, not after it
         self.alpha = None if alpha is None else check_alpha(alpha)
         self.use_best_checkpoint = bool(use_best_checkpoint)
+        self.limit_samples = check_optional_positive_int("limit_samples", limit_samples, "or null for all")
+        if limit_batches is not None:
+            deprecated(
+                "MeanSparseCallback(limit_batches=...) counts batches per process; it is now limit_samples"
+            )
         self.limit_batches = check_optional_positive_int("limit_batches", limit_batches, "or null for all")
         self.batch_size = check_optional_positive_int(
             "batch_size", batch_size, "or null for the datamodule's"
@@ -228,15 +237,15 @@ class MeanSparseCallback(pl.Callback):
         rank_zero_info(f"MeanSparse: using the best checkpoint {path}")
 
     def calibration_loader(self, trainer: pl.Trainer) -> DataLoader:
-        """This process's whole batches of the :attr:`data` loader's data set (none padded or repeated)."""
+        """This process's whole batches of the :attr:`data` loader's data set (its first :attr:`limit_samples`;
+        none padded or repeated), with the loader's workers, collation and pinning."""
         base = self.source_loader(trainer)
-        return whole_batch_loader(
-            base.dataset,
-            self.batch_size or base.batch_size or 128,
+        return whole_batches_of(
+            base,
             trainer.world_size,
             trainer.global_rank,
-            num_workers=base.num_workers,
-            pin_memory=torch.cuda.is_available(),
+            limit=self.limit_samples,
+            batch_size=self.batch_size or base.batch_size or 128,
         )
 
     def sparsify(self, model: nn.Module, loader: DataLoader) -> nn.Module:
@@ -347,8 +356,7 @@ class AlphaSearchCallback(pl.Callback):
     ) -> AlphaSearchResult:
         """The sweep on the first ``limit_samples`` images of the datamodule's held-out split (``trainer`` and
         ``distributed`` as :meth:`AlphaSearch.run <meansparse_pl.alpha_search.AlphaSearch.run>` takes them)."""
-        datamodule.setup("fit")
-        held_out = first_samples(datamodule.val_dataloader().dataset, self.limit_samples)
+        held_out = split_samples(datamodule, "val", self.limit_samples)
         return self.search.run(model, held_out, trainer=trainer, distributed=distributed)
 
     def write(self, result: AlphaSearchResult, folder: Path) -> None:

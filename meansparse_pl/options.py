@@ -44,14 +44,13 @@ def renamed(subcommand: str, old: str, old_value: Any, new: str, new_value: Any)
         return new_value
     if new_value is not None:
         raise ConfigurationError(f"{subcommand}: --{old} is the old name of --{new}; give --{new} only.")
-    _LOG.warning(
-        "deprecated: %s --%s is now --%s (the old name is accepted until %s).",
-        subcommand,
-        old,
-        new,
-        OLD_NAMES_UNTIL,
-    )
+    deprecated(f"{subcommand} --{old} is now --{new}")
     return old_value
+
+
+def deprecated(what: str) -> None:
+    """One ``deprecated: <what> (the old name is accepted until ...).`` line on the log (stderr by default)."""
+    _LOG.warning("deprecated: %s (the old name is accepted until %s).", what, OLD_NAMES_UNTIL)
 
 
 def _as(cls: type, value: Any) -> Any:

@@ -227,13 +227,14 @@ class RobustnessReport:
             ["best known (worst case)" if c == "best_known" else c for c in columns], fontsize=8
         )
         ax.invert_yaxis()
+        ax.set_xlim(0, 100)
         ax.set_xlabel("accuracy (%)")
         ax.set_title(
             f"Robust accuracy per attack ({self.norm}, n={self.num_samples}); error bars: binomial SE",
             fontsize=9,
         )
         ax.grid(axis="x", alpha=0.3)
-        ax.legend(fontsize=7, loc="best")
+        ax.legend(fontsize=7, loc="lower right")
         fig.tight_layout()
         return fig  # type: ignore[return-value]
 

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch.distributed as dist
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from meansparse_pl.errors import ConfigurationError
 
@@ -97,12 +97,17 @@ def whole_batch_loader(
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, **options)
 
 
-def whole_batches_of(loader: DataLoader, world_size: int, rank: int) -> DataLoader:
-    """``loader``'s data set, batch size, workers, collation and pinning, with this process's whole batches of
-    its order."""
+def whole_batches_of(
+    loader: DataLoader, world_size: int, rank: int, limit: int | None = None, batch_size: int | None = None
+) -> DataLoader:
+    """``loader``'s data set (its first ``limit`` samples; None: all), batch size (or ``batch_size``), workers,
+    collation and pinning, with this process's whole batches of its order."""
+    dataset = loader.dataset
+    if limit is not None:
+        dataset = Subset(dataset, range(min(limit, len(dataset))))  # type: ignore[arg-type]
     return whole_batch_loader(
-        loader.dataset,
-        loader.batch_size or 1,
+        dataset,
+        batch_size or loader.batch_size or 1,
         world_size,
         rank,
         num_workers=loader.num_workers,

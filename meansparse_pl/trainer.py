@@ -42,11 +42,12 @@ from meansparse_pl.config import (
     PlacementConfig,
     ThreatModel,
 )
-from meansparse_pl.data import first_samples, split_samples
+from meansparse_pl.data import split_samples
 from meansparse_pl.diagnostics import diagnose
 from meansparse_pl.errors import ConfigurationError
 from meansparse_pl.io import (
     LOCK_NAME,
+    Result,
     file_version,
     output_lock,
     write_report,
@@ -90,6 +91,7 @@ class MeanSparseTrainer(LightningSubcommands):
         alpha: float = 0.0,
         placement: PlacementConfig = PlacementConfig(),
         allow_untrained: bool = False,
+        limit_samples: int | None = None,
         checkpoint: str | None = None,
         output: str | None = None,
     ) -> None:
@@ -103,6 +105,7 @@ class MeanSparseTrainer(LightningSubcommands):
             placement: Where the operators go (include, exclude, sites, centre, preset, channel_dims,
                 fuse_activations, strategy, leaf_modules; see PlacementConfig).
             allow_untrained: Sparsify the freshly initialised network when no weights are given (for tests).
+            limit_samples: Collect the statistics over the first N images of the calibration split (null: all).
             checkpoint: Old name of --weights (accepted until meansparse_pl 0.3).
             output: Old way to name the output file instead of --output_dir (accepted until meansparse_pl 0.3).
         """
@@ -122,8 +125,9 @@ class MeanSparseTrainer(LightningSubcommands):
         with self._holding(target.parent, f".{target.name}.lock"):
             if weights:
                 load_trained_weights(model, weights, from_network=network is not None)
-            sparse, summary = self._sparsified_and_calibrated(model.model, datamodule, placement, str(target))
-            set_alpha(sparse, alpha)
+            sparse, summary = self._sparsified_and_calibrated(
+                model.model, datamodule, placement, limit_samples, alpha, target
+            )
             if self.is_global_zero:
                 summary["source_checkpoint"] = weights
                 metadata = {"calibration": summary}
@@ -137,23 +141,32 @@ class MeanSparseTrainer(LightningSubcommands):
             self.strategy.barrier("postprocess_saved")
 
     def _sparsified_and_calibrated(
-        self, network: nn.Module, datamodule: pl.LightningDataModule, placement: PlacementConfig, output: str
+        self,
+        network: nn.Module,
+        datamodule: pl.LightningDataModule,
+        placement: PlacementConfig,
+        limit_samples: int | None,
+        alpha: float,
+        output: Path,
     ) -> tuple[nn.Module, dict]:
-        """Operators placed by ``placement`` and their statistics over the calibration split, sharded over the
-        Trainer's processes (resumable from ``<output>.statistics-state``); with the calibration's summary."""
+        """Operators placed by ``placement``, their statistics over the calibration split (its first
+        ``limit_samples`` images) sharded over the Trainer's processes (resumable from
+        ``<output>.statistics-state``), and ``alpha`` set; with the calibration's summary."""
         datamodule.setup("fit")
         loader = datamodule.calibration_dataloader()
         start = time.perf_counter()
         sparse = sparsify(network, images_of(next(iter(loader)))[:1], placement)
         calibration = CalibrationModule(sparse, state_path=f"{output}.statistics-state")
-        shard = whole_batches_of(loader, self.world_size, self.global_rank)
+        shard = whole_batches_of(loader, self.world_size, self.global_rank, limit_samples)
         self.predict(calibration, dataloaders=shard, return_predictions=False)
         calibration.finish_without_batches(self)
+        set_alpha(sparse, alpha)
         summary = {
             "images": calibration.images,
             "dtype": calibration.statistics_dtype,
             "seconds": round(time.perf_counter() - start, 2),
             "limit_predict_batches": self.limit_predict_batches,
+            "limit_samples": limit_samples,
         }
         return sparse, summary
 
@@ -211,27 +224,17 @@ class MeanSparseTrainer(LightningSubcommands):
         with self._holding(out), holding_source or contextlib.nullcontext():
             version = file_version(source)
             sparse = self._calibrated_model(checkpoint, network, model)
-            datamodule.setup("fit")
-            dataset = first_samples(datamodule.val_dataloader().dataset, limit_samples)
+            dataset = split_samples(datamodule, "val", limit_samples)
             check_data_fits(sparse, dataset, datamodule, checkpoint)
             state = out / "alpha_search.state" if resume else None
             result = search.run(sparse, dataset, trainer=self, state_path=state)
             if self.is_global_zero:
-                log_rows(self.loggers, result.metrics())
-                result.write(out)
+                self._publish(out, "alpha_search", result)
                 if write_alpha:  # the report is written first: a refused rewrite loses no result
                     result.apply_to(sparse)
-                    resave_checkpoint(
-                        sparse.cpu(),
-                        checkpoint,
-                        read_version=version,
-                        metadata={"alpha_search": result.to_json()},
-                    )
-                print(result.table())
-                print(
-                    f"\nwrote {out}/alpha_search.{{md,json,png}}"
-                    + (f"; alpha stored in {checkpoint}" if write_alpha else "")
-                )
+                    metadata = {"alpha_search": result.to_json()}
+                    resave_checkpoint(sparse.cpu(), checkpoint, read_version=version, metadata=metadata)
+                    print(f"alpha {result.suggestion():g} stored in {checkpoint}")
             self.strategy.barrier("alpha_search_saved")
 
     # --------------------------------------------------------------------------------------- evaluate
@@ -298,14 +301,11 @@ class MeanSparseTrainer(LightningSubcommands):
                 rank_zero_info(
                     f"diagnostics: {report.diagnostics.verdict()} ({report.diagnostics.seconds:.1f} s)"
                 )
-                log_rows(self.loggers, report.metrics())
-                write_result(out, "evaluation", report)
+                self._publish(out, "evaluation", report)
                 if histogram_site is not None:
                     channel_histogram(
                         sparse, dataset, histogram_site, alpha, out / f"histogram_site{histogram_site}.png"
                     )
-                print(report.table())
-                print(f"\nwrote {out}/evaluation.{{md,json,png}}")
             self.strategy.barrier("evaluate_saved")
 
     # --------------------------------------------------------------------------------------- diagnose
@@ -411,10 +411,7 @@ class MeanSparseTrainer(LightningSubcommands):
                 diagnostics=diagnostics,
             )
             if self.is_global_zero:
-                log_rows(self.loggers, result.metrics())
-                write_result(out, "comparison", result)
-                print(result.table())
-                print(f"\nwrote {out}/comparison.{{md,json,png}}")
+                self._publish(out, "comparison", result)
             self.strategy.barrier("compare_saved")
 
     # ----------------------------------------------------------------------------------------- shared
@@ -425,6 +422,13 @@ class MeanSparseTrainer(LightningSubcommands):
         """The output folder held for this run (by rank 0, which writes the reports), or a refusal before any
         file is written."""
         return output_lock(folder, lock_name) if self.is_global_zero else contextlib.nullcontext(folder)
+
+    def _publish(self, out: Path, stem: str, result: Result) -> None:
+        """A result's numbers in the loggers, its ``<stem>.md`` / ``.json`` / ``.png`` in ``out`` and its table on
+        stdout: what every subcommand does with its result, on rank 0 (the one process that writes)."""
+        log_rows(self.loggers, result.metrics())
+        write_result(out, stem, result)
+        print(f"{result.table()}\n\nwrote {out}/{stem}.{{md,json,png}}")
 
     def _variants_and_samples(self, options: dict) -> tuple[nn.Module, dict, Dataset]:
         """``evaluate``'s and ``diagnose``'s model (from ``checkpoint``), its variants (MeanSparse and, with

@@ -137,6 +137,24 @@ def test_postprocess_from_a_lightning_checkpoint_with_limited_batches(trained, t
         torch.testing.assert_close(a.mean, b.mean, rtol=1e-6, atol=1e-7)
 
 
+def test_postprocess_limit_samples_counts_images_as_every_subcommand_does(trained, tmp_path):
+    """--limit_samples N: the statistics of the first N calibration images (here 96 = a batch of 64 and one of 32),
+    the same numbers as calibrate() over exactly those images."""
+    main(["postprocess", *DATA, *QUIET, *MODEL, f"--weights={trained['best']}", f"--output_dir={tmp_path}",
+          "--limit_samples=96"])  # fmt: skip
+    sparse = load_checkpoint(tmp_path / "meansparse.pt")
+    summary = torch.load(tmp_path / "meansparse.pt", weights_only=True)["metadata"]["calibration"]
+    assert summary["images"] == 96 and summary["limit_samples"] == 96
+    module = AdversarialClassifier.load_from_checkpoint(trained["best"], weights_only=True)
+    reference = sparsify(module.model.eval(), (1, 28, 28))
+    calibration = _datamodule().calibration_dataloader()
+    first = torch.utils.data.Subset(calibration.dataset, range(96))
+    calibrate(reference, torch.utils.data.DataLoader(first, batch_size=64), progress=False)
+    for a, b in zip(operators(sparse), operators(reference), strict=True):
+        torch.testing.assert_close(a.mean, b.mean, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(a.var, b.var, rtol=1e-6, atol=1e-7)
+
+
 def test_postprocess_old_option_names_still_work_for_one_release(trained, tmp_path, caplog, capsys):
     """--checkpoint / --output (a file) are postprocess's old names of --weights / --output_dir: the same file,
     one ``deprecated:`` line each; both names at once is one error line."""

@@ -521,3 +521,29 @@ def test_a_statistics_pass_stopped_by_a_signal_resumes_to_the_same_statistics(tm
         assert torch.equal(op.count, ref.count)
         torch.testing.assert_close(op.mean, ref.mean, rtol=0, atol=0)
         torch.testing.assert_close(op.var, ref.var, rtol=0, atol=0)
+
+
+def test_the_callbacks_limit_samples_counts_images_of_the_split_and_limit_batches_says_it_is_deprecated(
+    caplog,
+):
+    """MeanSparseCallback(limit_samples=N): the first N images of the split, in whole batches (here 96 = 64 + 32),
+    as every subcommand counts samples; the old per-process ``limit_batches`` still works, with one line."""
+    from types import SimpleNamespace
+
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from meansparse_pl.callback import MeanSparseCallback
+
+    images = torch.arange(200, dtype=torch.float32).reshape(200, 1)
+    loader = DataLoader(TensorDataset(images, torch.zeros(200, dtype=torch.long)), batch_size=64)
+    trainer = SimpleNamespace(world_size=1, global_rank=0, datamodule=None)
+    callback = MeanSparseCallback(limit_samples=96, data=loader)
+    seen = torch.cat([x for x, _ in callback.calibration_loader(trainer)])
+    assert torch.equal(seen, images[:96])
+    assert [len(x) for x, _ in callback.calibration_loader(trainer)] == [64, 32]
+    caplog.clear()
+    MeanSparseCallback(limit_batches=2)
+    assert [r.getMessage() for r in caplog.records if r.getMessage().startswith("deprecated:")] == [
+        "deprecated: MeanSparseCallback(limit_batches=...) counts batches per process; it is now limit_samples "
+        "(the old name is accepted until meansparse_pl 0.3)."
+    ]

@@ -24,7 +24,7 @@ from meansparse_pl.attacks import (
     paired_gap,
     worst_case,
 )
-from meansparse_pl.diagnostics import Diagnostics
+from meansparse_pl.diagnostics import Diagnostics, alpha_variant
 from meansparse_pl.errors import ConfigurationError
 from meansparse_pl.evaluation import accuracy
 from meansparse_pl.io import write_result
@@ -283,7 +283,7 @@ class AlphaSearchResult:
 
     def _mark_flagged(self, ax: Axes) -> None:
         """A red cross on the criterion's line at every alpha flagged for gradient masking."""
-        flagged = [a for a in self.alphas if any(flag.startswith(f"alpha={a:g}") for flag in self.flags)]
+        flagged = [a for a in self.alphas if masked(self.accuracy[a])]  # where flags_for flags, never parsed
         if flagged:
             column = criterion_column(self.criterion)
             ax.plot(
@@ -418,7 +418,7 @@ def flags_for(
     # an alpha dropped early was measured on a few samples, where one sample is several points
     where = "" if seen == num_samples else f" (on {seen} of {num_samples} samples)"
     return [
-        f"alpha={alpha:g}{where}: BPDA-APGD-CE accuracy {row['bpda-apgd-ce']:.2f} is more than "
+        f"{alpha_variant(alpha)}{where}: BPDA-APGD-CE accuracy {row['bpda-apgd-ce']:.2f} is more than "
         f"{GRADIENT_MASKING_GAP:g} point below APGD-CE {row['apgd-ce']:.2f}: gradients are masked here (cause "
         f"measured: {cause or 'not measured'}), so APGD-CE alone overstates robustness."
     ]

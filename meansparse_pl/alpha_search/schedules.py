@@ -54,6 +54,8 @@ class SearchPlan(Protocol):
     seed: int
     batch_size: int
 
+    def task_key(self, alpha: float, attack: str) -> str: ...
+
     def tasks(self, alphas: Sequence[float] | None = None) -> list[EvaluationTask]: ...
 
     def sample_order(self, num_samples: int) -> list[int]: ...
@@ -71,7 +73,7 @@ class SearchPlan(Protocol):
 
 def collect(search: SearchPlan, results: dict[str, PerSample], alphas: Sequence[float]) -> Verdicts:
     """Per alpha and column, the verdicts ``run_tasks`` returned for ``search.tasks(alphas)``."""
-    return {a: {column: results[f"alpha={a:g}/{column}"] for column in search.columns} for a in alphas}
+    return {a: {column: results[search.task_key(a, column)] for column in search.columns} for a in alphas}
 
 
 class Schedule(abc.ABC):

@@ -33,7 +33,7 @@ from meansparse_pl.config import (
     check_number,
     check_positive_int,
 )
-from meansparse_pl.diagnostics import quick_diagnostics
+from meansparse_pl.diagnostics import alpha_variant, quick_diagnostics
 from meansparse_pl.errors import ConfigurationError
 from meansparse_pl.evaluation import EvaluationTask
 from meansparse_pl.ops import require_operators
@@ -143,10 +143,15 @@ class AlphaSearch:
         """``clean`` and the attacks, in the table's order (clean is always measured, once)."""
         return ["clean", *(name for name in self.attacks.names if name != "clean")]
 
+    @staticmethod
+    def task_key(alpha: float, attack: str) -> str:
+        """The one spelling of a search task's key (also its resume state's); nothing parses it back."""
+        return f"{alpha_variant(alpha)}/{attack}"
+
     def tasks(self, alphas: Sequence[float] | None = None) -> list[EvaluationTask]:
         return [
             EvaluationTask(
-                f"alpha={alpha:g}/{attack}",
+                self.task_key(alpha, attack),
                 attack,
                 self.threat,
                 {} if attack == "clean" else options_for(self.attacks, attack),
@@ -201,7 +206,7 @@ class AlphaSearch:
                 result.accuracy[a],
                 result.samples(a),
                 result.num_samples,
-                result.diagnostics.masking_cause(f"alpha={a:g}"),
+                result.diagnostics.masking_cause(alpha_variant(a)),
             )
         ]
         return result

@@ -21,9 +21,10 @@ from __future__ import annotations
 
 from meansparse_pl.diagnostics.indicators import Diagnostics, Indicator, beyond_noise, binomial_tail
 from meansparse_pl.diagnostics.per_sample import verdict_indicators
-from meansparse_pl.diagnostics.runner import diagnose, quick_diagnostics, seeded_subset
+from meansparse_pl.diagnostics.runner import alpha_variant, diagnose, quick_diagnostics, seeded_subset
 
 __all__ = [
+    "alpha_variant",
     "Diagnostics",
     "Indicator",
     "beyond_noise",

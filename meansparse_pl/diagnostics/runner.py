@@ -154,6 +154,11 @@ def diagnose(
     return with_causes(Diagnostics(indicators, x.shape[0], round(time.perf_counter() - started, 2)))
 
 
+def alpha_variant(alpha: float) -> str:
+    """The variant name of one alpha of a search (``alpha=0.15``), as its diagnostics and flags name it."""
+    return f"alpha={alpha:g}"
+
+
 def quick_diagnostics(
     model: nn.Module,
     data: Dataset | DataLoader,
@@ -175,7 +180,7 @@ def quick_diagnostics(
         for alpha in alphas:
             if operators(model):
                 set_alpha(model, alpha)
-            probe = Probe(model, x, y, f"alpha={alpha:g}", eps, significance=config.significance)
+            probe = Probe(model, x, y, alpha_variant(alpha), eps, significance=config.significance)
             found.append(randomness_indicator(probe, config.forwards))
             correct = probe.restricted(labels_kept(probe))
             if correct.x.shape[0] > 0:
