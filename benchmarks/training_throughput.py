@@ -32,6 +32,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from meansparse_pl.attacks import pgd_perturb
+from meansparse_pl.config import ThreatModel
 from meansparse_pl.modes import eval_mode
 from meansparse_pl.module import AdversarialClassifier
 
@@ -73,7 +74,7 @@ def make_module(args: argparse.Namespace) -> AdversarialClassifier:
         in_channels=1,
         normalization=((0.2860,), (0.3530,)),
         objective="pgd",
-        eps=0.1,
+        threat=ThreatModel("Linf", 0.1),
         step_size=0.025,
         attack_steps=args.attack_steps,
         optimizer="sgd",

@@ -44,6 +44,7 @@ from meansparse_pl.config import (
     ThreatModel,
     check_alpha,
     check_optional_positive_int,
+    deprecated,
 )
 from meansparse_pl.data import split_samples
 from meansparse_pl.errors import ConfigurationError
@@ -51,7 +52,6 @@ from meansparse_pl.evaluation import single_device_trainer
 from meansparse_pl.io import safe_load
 from meansparse_pl.lightning_runs import log_rows
 from meansparse_pl.ops import operators, set_alpha
-from meansparse_pl.options import deprecated
 from meansparse_pl.placement import describe, get_preset
 from meansparse_pl.placement import sparsify as place_operators
 from meansparse_pl.sharding import whole_batches_of

@@ -12,6 +12,7 @@ placement presets) are checked there, before any data or model is loaded.
 
 from __future__ import annotations
 
+import logging
 import math
 import numbers
 import warnings
@@ -28,6 +29,27 @@ STRATEGIES: tuple[str, ...] = ("auto", "fx", "hooks", "published")
 Norm = Literal["Linf", "L2"]
 NORMS: tuple[str, ...] = ("Linf", "L2")
 LINF_EPS_WARNING = 0.5  # a Linf radius above this on [0, 1] images is unusual enough to be a typo
+
+_LOG = logging.getLogger(__name__)
+
+#: until this release an option's old name is accepted, with one ``deprecated:`` line
+OLD_NAMES_UNTIL = "meansparse_pl 0.3"
+
+
+def deprecated(what: str) -> None:
+    """One ``deprecated: <what> (the old name is accepted until ...).`` line on the log (stderr by default)."""
+    _LOG.warning("deprecated: %s (the old name is accepted until %s).", what, OLD_NAMES_UNTIL)
+
+
+def renamed(subcommand: str, old: str, old_value: Any, new: str, new_value: Any) -> Any:
+    """The value of option ``--new``, or of its old name ``--old`` with one ``deprecated:`` line (both given: one
+    error line)."""
+    if old_value is None:
+        return new_value
+    if new_value is not None:
+        raise ConfigurationError(f"{subcommand}: --{old} is the old name of --{new}; give --{new} only.")
+    deprecated(f"{subcommand} --{old} is now --{new}")
+    return old_value
 
 
 # ------------------------------------------------------------------------------------------------ checks

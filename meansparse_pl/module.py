@@ -41,6 +41,7 @@ from meansparse_pl.config import (
     check_choice,
     check_number,
     check_positive_int,
+    deprecated,
 )
 from meansparse_pl.errors import ConfigurationError
 from meansparse_pl.inputs import check_images, check_labels
@@ -94,13 +95,13 @@ def checked_hyperparameters(hparams: Mapping[str, Any]) -> dict[str, Any]:
         raise ConfigurationError(f"num_classes must be >= 2, got {num_classes}.")
     in_channels = check_positive_int("in_channels", get("in_channels"), "3 for RGB, 1 for grey images")
     # Checked for every objective: validation always runs PGD, even for standard training.
-    threat = ThreatModel(get("norm"), get("eps"))
+    threat = _threat_of(get)
     checked = {
         "backbone": str(get("backbone")),
         "num_classes": num_classes,
         "in_channels": in_channels,
-        "norm": threat.norm,
-        "eps": threat.eps,
+        "objective": get("objective"),
+        "threat": {"norm": threat.norm, "eps": threat.eps},
         "step_size": float(
             check_number("step_size", get("step_size"), minimum=0.0, strict=True, hint="paper: 0.0078")
         ),
@@ -116,6 +117,7 @@ def checked_hyperparameters(hparams: Mapping[str, Any]) -> dict[str, Any]:
         raise ConfigurationError(f"backbone_kwargs must be a mapping, got {backbone_kwargs!r}.")
     return {
         **checked,
+        "optimizer": get("optimizer"),
         **_checked_optimisation(get),
         **_checked_start(get),
         "backbone_kwargs": dict(backbone_kwargs or {}),
@@ -157,7 +159,25 @@ def _checked_start(get: Callable[[str], Any]) -> dict[str, Any]:
     return {
         "init_checkpoint": None if init_checkpoint is None else str(init_checkpoint),
         "operator_alpha": operator_alpha,
+        "operator_backward": get("operator_backward"),
     }
+
+
+def _threat_of(get: Callable[[str], Any]) -> ThreatModel:
+    """The training threat model: ``threat`` (a ThreatModel, or the plain dict a checkpoint stores), with the old
+    ``norm`` / ``eps`` arguments applied over it (one ``deprecated:`` line; checkpoints written before store them)."""
+    threat = get("threat")
+    if isinstance(threat, Mapping):
+        threat = ThreatModel(**threat)
+    if threat is None:
+        threat = ThreatModel()
+    if not isinstance(threat, ThreatModel):
+        raise ConfigurationError(f"threat must be a ThreatModel (norm, eps), got {threat!r}.")
+    norm, eps = get("norm"), get("eps")
+    if norm is None and eps is None:
+        return threat
+    deprecated("AdversarialClassifier's norm / eps are now threat.norm / threat.eps (--model.threat.*)")
+    return ThreatModel(norm if norm is not None else threat.norm, eps if eps is not None else threat.eps)
 
 
 class AdversarialClassifier(pl.LightningModule):
@@ -183,8 +203,7 @@ class AdversarialClassifier(pl.LightningModule):
         in_channels: int = 3,
         normalization: Normalization | None = None,
         objective: Objective = "pgd",
-        norm: Literal["Linf", "L2"] = "Linf",
-        eps: float = 8 / 255,
+        threat: ThreatModel = ThreatModel(),
         step_size: float = 0.0078,
         attack_steps: int = 10,
         random_start: bool = True,
@@ -199,6 +218,8 @@ class AdversarialClassifier(pl.LightningModule):
         init_checkpoint: str | None = None,
         operator_alpha: float | None = None,
         operator_backward: BackwardMode = "straight_through",
+        norm: Literal["Linf", "L2"] | None = None,
+        eps: float | None = None,
     ) -> None:
         """
         Args:
@@ -211,9 +232,9 @@ class AdversarialClassifier(pl.LightningModule):
                 it from the datamodule). None: build the network in configure_model() with the attached
                 datamodule's normalization, or the identity (mean 0, std 1) without one.
             objective: standard (clean cross-entropy), pgd (Madry PGD-AT) or trades (Zhang et al.).
-            norm: Threat model of the training and validation attacks: Linf or L2.
-            eps: Attack radius in [0, 1] pixel units (paper: 8/255 for Linf). Must be > 0 for every
-                objective, since validation always measures PGD accuracy.
+            threat: Threat model of the training and validation attacks: norm (Linf or L2) and eps in [0, 1]
+                pixel units (paper: Linf 8/255), as every subcommand names it (--threat.*). eps must be > 0 for
+                every objective, since validation always measures PGD accuracy.
             step_size: PGD step size (paper: 0.0078 for Linf eps 8/255).
             attack_steps: PGD steps of the training attack (paper: 10).
             random_start: Start PGD at a uniform random point of the eps-ball (training and validation).
@@ -236,13 +257,20 @@ class AdversarialClassifier(pl.LightningModule):
                 through the operators: straight_through (BPDA: identity backward, the default; the exact
                 gradient is zero inside the band and would mask the attack), surrogate (a smooth sigmoid
                 relaxation of the band) or exact.
+            norm: Old name of threat.norm (accepted until meansparse_pl 0.3; checkpoints that store it load).
+            eps: Old name of threat.eps (accepted until meansparse_pl 0.3; checkpoints that store it load).
         """
         super().__init__()
         # every argument above, by name; LightningCLI's instantiator and class path are left out, so a checkpoint
         # names no import path for load_from_checkpoint to follow
         self.save_hyperparameters(ignore=["_instantiator", "_class_path"])
-        # checked once, and stored as plain Python types so that checkpoints load with weights_only=True
-        self.hparams.update(checked_hyperparameters(self.hparams))
+        # then stored checked, as plain Python types, so that checkpoints load with weights_only=True; the old
+        # names norm / eps live on in threat
+        checked = checked_hyperparameters(self.hparams)
+        for old in ("norm", "eps"):
+            self.hparams.pop(old, None)
+        self.save_hyperparameters(checked)
+        self.threat = ThreatModel(**self.hparams.threat)
         self.started_from: str | None = None  # the init_checkpoint once loaded (never loaded twice)
 
         self.model: nn.Module | None = None
@@ -366,10 +394,10 @@ class AdversarialClassifier(pl.LightningModule):
                 model,
                 x,
                 y,
-                eps=hp.eps,
+                eps=self.threat.eps,
                 step_size=hp.step_size,
                 steps=steps,
-                norm=hp.norm,
+                norm=self.threat.norm,
                 random_start=hp.random_start,
             )
 
@@ -396,11 +424,11 @@ class AdversarialClassifier(pl.LightningModule):
             model,
             x,
             y,
-            eps=hp.eps,
+            eps=self.threat.eps,
             step_size=hp.step_size,
             steps=hp.attack_steps,
             beta=hp.trades_beta,
-            norm=hp.norm,
+            norm=self.threat.norm,
         )
         return loss, adv_logits
 

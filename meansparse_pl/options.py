@@ -8,7 +8,6 @@ Adding a subcommand: one entry in :data:`CHECKS`.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -31,26 +30,6 @@ from meansparse_pl.errors import ConfigurationError, DataNotFoundError
 from meansparse_pl.placement import get_preset
 
 Options = Mapping[str, Any]
-_LOG = logging.getLogger(__name__)
-
-#: until this release an option's old name is accepted, with one ``deprecated:`` line
-OLD_NAMES_UNTIL = "meansparse_pl 0.3"
-
-
-def renamed(subcommand: str, old: str, old_value: Any, new: str, new_value: Any) -> Any:
-    """The value of option ``--new``, or of its old name ``--old`` with one ``deprecated:`` line (both given: one
-    error line)."""
-    if old_value is None:
-        return new_value
-    if new_value is not None:
-        raise ConfigurationError(f"{subcommand}: --{old} is the old name of --{new}; give --{new} only.")
-    deprecated(f"{subcommand} --{old} is now --{new}")
-    return old_value
-
-
-def deprecated(what: str) -> None:
-    """One ``deprecated: <what> (the old name is accepted until ...).`` line on the log (stderr by default)."""
-    _LOG.warning("deprecated: %s (the old name is accepted until %s).", what, OLD_NAMES_UNTIL)
 
 
 def _as(cls: type, value: Any) -> Any:

@@ -41,6 +41,7 @@ from meansparse_pl.config import (
     DiagnosticsConfig,
     PlacementConfig,
     ThreatModel,
+    renamed,
 )
 from meansparse_pl.data import split_samples
 from meansparse_pl.diagnostics import diagnose
@@ -56,7 +57,6 @@ from meansparse_pl.io import (
 from meansparse_pl.lightning_runs import LightningSubcommands, log_rows
 from meansparse_pl.module import load_trained_weights
 from meansparse_pl.ops import set_alpha
-from meansparse_pl.options import renamed
 from meansparse_pl.placement import describe, sparsify
 from meansparse_pl.report import (
     channel_histogram,

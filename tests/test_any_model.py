@@ -140,6 +140,6 @@ def test_a_network_the_package_never_saw_goes_through_every_step(tmp_path, capsy
 
 
 def test_validate_takes_the_same_network_option(tmp_path, capsys):
-    main(["validate", *DATA, *QUIET, "--trainer.logger=false", *NETWORK, "--model.eps=0.1",
+    main(["validate", *DATA, *QUIET, "--trainer.logger=false", *NETWORK, "--model.threat.eps=0.1",
           "--model.val_attack_steps=1"])  # fmt: skip
     assert "val/pgd_acc" in capsys.readouterr().out

@@ -154,7 +154,7 @@ def test_cifar10_configs_have_the_paper_settings(config, tmp_path):
     assert hp.backbone == "resnet18"
     assert hp.backbone_kwargs["activation"] == config.stem.split("_")[1]
     assert hp.objective == objective
-    assert (hp.norm, hp.eps, hp.step_size) == ("Linf", pytest.approx(8 / 255), 0.0078)
+    assert (hp.threat["norm"], hp.threat["eps"], hp.step_size) == ("Linf", pytest.approx(8 / 255), 0.0078)
     assert hp.attack_steps == 10 and hp.val_attack_steps == 10
     assert (hp.optimizer, hp.lr, hp.momentum, hp.weight_decay) == ("sgd", 0.1, 0.9, 5e-4)
     assert hp.lr_milestones == (100, 150) and hp.lr_gamma == 0.1
@@ -175,7 +175,7 @@ def test_cifar10_configs_have_the_paper_settings(config, tmp_path):
 def test_demo_config_instantiates_with_linked_data_facts(tmp_path):
     cli = _instantiate(DEMO, tmp_path)
     hp = cli.model.hparams
-    assert (hp.backbone, hp.objective, hp.norm, hp.eps) == ("small_cnn", "pgd", "Linf", 0.1)
+    assert (hp.backbone, hp.objective, hp.threat) == ("small_cnn", "pgd", {"norm": "Linf", "eps": 0.1})
     assert (hp.num_classes, hp.in_channels) == (10, 1)
     assert hp.normalization == cli.datamodule.normalization
 
@@ -184,7 +184,7 @@ def test_demo_config_instantiates_with_linked_data_facts(tmp_path):
 @pytest.mark.parametrize(
     ("override", "fragment"),
     [
-        ("--model.eps=-0.1", "eps must be > 0, got -0.1"),
+        ("--model.threat.eps=-0.1", "eps must be > 0, got -0.1"),
         ("--model.attack_steps=0", "attack_steps must be an integer >= 1"),
         ("--model.backbone=resnet_unknown", "unknown model 'resnet_unknown'"),
     ],
@@ -199,7 +199,7 @@ def test_bad_config_values_exit_2_with_one_error_line(override, fragment, tmp_pa
 
 def test_launcher_prints_no_traceback_for_a_bad_value(tmp_path):
     result = subprocess.run(
-        [sys.executable, str(ROOT / "cli.py"), "fit", *tiny_demo_args(tmp_path), "--model.eps=0"],
+        [sys.executable, str(ROOT / "cli.py"), "fit", *tiny_demo_args(tmp_path), "--model.threat.eps=0"],
         capture_output=True,
         text=True,
         cwd=ROOT,

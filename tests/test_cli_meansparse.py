@@ -38,7 +38,7 @@ QUIET = [
 MODEL = [
     "--model.backbone=small_cnn",
     "--model.backbone_kwargs={'channels': [8, 16], 'hidden': 32}",
-    "--model.eps=0.1",
+    "--model.threat.eps=0.1",
 ]
 
 

@@ -15,6 +15,7 @@ from torch import nn
 from meansparse_pl import alphas_of, calibrate, operators, save_checkpoint, set_alpha, sparsify
 from meansparse_pl.checkpoint import load_checkpoint
 from meansparse_pl.cli import main
+from meansparse_pl.config import ThreatModel
 from meansparse_pl.data import FashionMNISTDataModule
 from meansparse_pl.errors import CheckpointError, ConfigurationError
 from meansparse_pl.models import create_model
@@ -46,7 +47,7 @@ def _module(**options) -> AdversarialClassifier:
         backbone_kwargs=TINY_NET,
         in_channels=1,
         normalization=GREY,
-        eps=0.1,
+        threat=ThreatModel("Linf", 0.1),
         step_size=0.05,
         attack_steps=2,
         **options,

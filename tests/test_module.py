@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from meansparse_pl.config import ThreatModel
 from meansparse_pl.data import FashionMNISTDataModule
 from meansparse_pl.errors import ConfigurationError
 from meansparse_pl.models import Normalize
@@ -39,7 +40,7 @@ def tiny_classifier(**overrides) -> AdversarialClassifier:
         backbone_kwargs=dict(TINY_CNN),
         in_channels=1,
         normalization=GREY,
-        eps=0.1,
+        threat=ThreatModel("Linf", 0.1),
         step_size=0.025,
         attack_steps=3,
         val_attack_steps=3,
@@ -274,6 +275,8 @@ def test_optimizer_and_schedule_follow_the_hyperparameters():
         ({"backbone": "resnet_unknown", "normalization": None}, "unknown model 'resnet_unknown'"),
         ({"objective": "mart"}, "objective must be one of"),
         ({"norm": "L1"}, "norm must be one of"),
+        ({"threat": {"norm": "Linf", "eps": -0.1}}, "eps must be"),
+        ({"threat": "Linf"}, "threat must be a ThreatModel"),
         ({"trades_beta": -1.0}, "trades_beta must be"),
         ({"lr": 0.0}, "lr must be"),
         ({"lr_milestones": [150, 100]}, "lr_milestones must be strictly increasing"),
@@ -287,3 +290,31 @@ def test_bad_values_raise_a_one_line_configuration_error(overrides, fragment):
     message = str(info.value)
     assert fragment in message
     assert "\n" not in message
+
+
+def test_the_old_norm_and_eps_arguments_and_checkpoints_that_store_them_still_load(tmp_path, caplog):
+    """threat replaced norm / eps: the old arguments still build the same module (one deprecated: line), and a
+    checkpoint written before, whose hyper-parameters are norm / eps, loads with its own threat model."""
+    import lightning
+
+    new = tiny_classifier()
+    caplog.clear()
+    old = tiny_classifier(threat=ThreatModel(), norm="Linf", eps=0.1)
+    assert old.threat == new.threat == ThreatModel("Linf", 0.1) and dict(old.hparams) == dict(new.hparams)
+    assert [r.getMessage() for r in caplog.records if r.getMessage().startswith("deprecated:")] == [
+        "deprecated: AdversarialClassifier's norm / eps are now threat.norm / threat.eps (--model.threat.*) "
+        "(the old name is accepted until meansparse_pl 0.3)."
+    ]
+    before = {k: v for k, v in new.hparams.items() if k != "threat"} | {"norm": "L2", "eps": 0.5}
+    path = tmp_path / "before.ckpt"
+    torch.save(
+        {
+            "state_dict": new.state_dict(),
+            "hyper_parameters": before,
+            "pytorch-lightning_version": lightning.__version__,
+        },
+        path,
+    )
+    loaded = AdversarialClassifier.load_from_checkpoint(path, weights_only=True)
+    assert loaded.threat == ThreatModel("L2", 0.5) and loaded.hparams.threat == {"norm": "L2", "eps": 0.5}
+    assert "norm" not in loaded.hparams and "eps" not in loaded.hparams

@@ -108,7 +108,7 @@ def _tiny_fit(
         backbone_kwargs={"channels": [8, 16], "hidden": 16},
         in_channels=1,
         normalization=data.normalization,
-        eps=0.1,
+        threat=ThreatModel("Linf", 0.1),
         attack_steps=1,
         val_attack_steps=1,
         optimizer="sgd",
