@@ -259,11 +259,16 @@ def load_calibrated(
     """The sparsified model of ``path`` as :func:`load_checkpoint` rebuilds it, refused with one line when an
     operator carries no statistics (the file of ``alpha_search``, ``evaluate`` and ``diagnose``)."""
     sparse = load_checkpoint(path, model, fallback_model=fallback_model)
-    if not all(op.is_calibrated for op in require_operators(sparse)):
+    _check_calibrated(require_operators(sparse), path)
+    return sparse
+
+
+def _check_calibrated(found: list[MeanSparse], path: str | os.PathLike) -> None:
+    """One line when an operator of the file ``path`` carries no statistics."""
+    if not all(op.is_calibrated for op in found):
         raise CheckpointError(
             f"{path} has uncalibrated MeanSparse operators; run `cli.py postprocess` on it first."
         )
-    return sparse
 
 
 def load_compared(entry: ComparedModel, network: nn.Module | None, fallback: nn.Module | None) -> nn.Module:
@@ -277,10 +282,7 @@ def load_compared(entry: ComparedModel, network: nn.Module | None, fallback: nn.
     loaded = load_model_or_weights(
         entry.checkpoint, copy.deepcopy(network), fallback_model=copy.deepcopy(fallback)
     )
-    if operators(loaded) and not all(op.is_calibrated for op in operators(loaded)):
-        raise CheckpointError(
-            f"{entry.checkpoint} has uncalibrated MeanSparse operators; run `cli.py postprocess` on it first."
-        )
+    _check_calibrated(operators(loaded), entry.checkpoint)
     if entry.alpha is not None:
         if operators(loaded):
             set_alpha(loaded, entry.alpha)

@@ -44,12 +44,17 @@ def deprecated(what: str) -> None:
 def renamed(subcommand: str, old: str, old_value: Any, new: str, new_value: Any) -> Any:
     """The value of option ``--new``, or of its old name ``--old`` with one ``deprecated:`` line (both given: one
     error line)."""
+    check_not_both(subcommand, old, old_value, new, new_value)
     if old_value is None:
         return new_value
-    if new_value is not None:
-        raise ConfigurationError(f"{subcommand}: --{old} is the old name of --{new}; give --{new} only.")
     deprecated(f"{subcommand} --{old} is now --{new}")
     return old_value
+
+
+def check_not_both(subcommand: str, old: str, old_value: Any, new: str, new_value: Any) -> None:
+    """One error line when an option is given under its new name and its old name ``--old`` at once."""
+    if old_value is not None and new_value is not None:
+        raise ConfigurationError(f"{subcommand}: --{old} is the old name of --{new}; give --{new} only.")
 
 
 # ------------------------------------------------------------------------------------------------ checks

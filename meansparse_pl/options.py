@@ -22,6 +22,7 @@ from meansparse_pl.config import (
     ThreatModel,
     check_alpha,
     check_distinct,
+    check_not_both,
     check_number,
     check_optional_positive_int,
     check_positive_int,
@@ -66,10 +67,7 @@ def _postprocess(get: Callable[..., Any]) -> None:
     placement = _as(PlacementConfig, get("placement"))
     if placement is not None and placement.strategy != "published":
         get_preset(placement.preset)
-    if get("checkpoint") is not None and get("weights") is not None:
-        raise ConfigurationError(
-            "postprocess: --checkpoint is the old name of --weights; give --weights only."
-        )
+    check_not_both("postprocess", "checkpoint", get("checkpoint"), "weights", get("weights"))
     _existing_file("weights", get("weights") if get("weights") is not None else get("checkpoint"))
     _writable_file("output", get("output"))
     output_dir = get("output_dir")

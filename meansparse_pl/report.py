@@ -53,6 +53,11 @@ class VariantResult:
     def alpha_label(self) -> str:
         return "per operator" if self.alpha is None else f"{self.alpha:g}"
 
+    @property
+    def tag(self) -> str:
+        """How the report names this setting: ``<name> (alpha=<alpha>, eps=<eps>)``."""
+        return f"{self.name} (alpha={self.alpha_label}, eps={self.eps:g})"
+
 
 @dataclass
 class RobustnessReport:
@@ -72,7 +77,7 @@ class RobustnessReport:
         findings: list[str] = []
         for r in self.results:
             clean = r.accuracy.get("clean")
-            tag = f"{r.name} (alpha={r.alpha_label}, eps={r.eps:g})"
+            tag = r.tag
             if clean is not None:
                 above = [a for a, v in r.accuracy.items() if a != "clean" and v > clean + 1e-9]
                 findings.append(
@@ -220,8 +225,7 @@ class RobustnessReport:
             values = [r.accuracy.get(column, float("nan")) for column in columns]
             errors = [math.sqrt(max(v * (100.0 - v), 0.0) / max(self.num_samples, 1)) for v in values]
             rows = [i + position * height for i in range(len(columns))]
-            label = f"{r.name} (alpha={r.alpha_label}, eps={r.eps:g})"
-            ax.barh(rows, values, height=height, xerr=errors, capsize=2, label=label)
+            ax.barh(rows, values, height=height, xerr=errors, capsize=2, label=r.tag)
         ax.set_yticks([i + 0.4 - height / 2 for i in range(len(columns))])
         ax.set_yticklabels(
             ["best known (worst case)" if c == "best_known" else c for c in columns], fontsize=8
